@@ -1,0 +1,26 @@
+"""Noise processes: how clean data is corrupted, the training loss, and how samples are drawn.
+
+This package never imports a modality; modalities choose a process by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from diffusion.continuous import GaussianVP, RectifiedFlow
+
+PROCESSES = {
+    "gaussian": GaussianVP,
+    "flow": RectifiedFlow,
+}
+
+
+def build_process(name: str, options: dict, **extra):
+    """Make the process `name`, passing it the options from `diffusion:` that its constructor
+    takes plus `extra` (sizes that come from the modality, e.g. the vocabulary)."""
+    if name not in PROCESSES:
+        raise ValueError(f"modality.process={name!r} is not a noise process; choose one of {sorted(PROCESSES)}")
+    cls = PROCESSES[name]
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in {**dict(options), **extra}.items() if k in params}
+    return cls(**kwargs)

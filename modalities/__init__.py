@@ -1,0 +1,16 @@
+"""One module per kind of data; the registry names the valid choices."""
+
+from __future__ import annotations
+
+from modalities.image import Image
+
+MODALITIES = {
+    "image": Image,
+}
+
+
+def build_modality(cfg, patch: int):
+    """The Modality object for cfg.name (the `modality.name` key)."""
+    if cfg.name not in MODALITIES:
+        raise ValueError(f"modality.name={cfg.name!r} is not a modality; choose one of {sorted(MODALITIES)}")
+    return MODALITIES[cfg.name](cfg, patch)

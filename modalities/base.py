@@ -1,0 +1,106 @@
+"""The Modality contract: one kind of data in and out of the shared DiT (see DESIGN.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DiffusionConfig:
+    """Options of the noise processes; each process reads the ones its constructor takes."""
+
+    schedule: str = "cosine"  # gaussian: linear | cosine; masked/uniform: linear | loglinear | cosine
+    prediction: str = "v"  # gaussian: eps | v | x0
+    timesteps: str = "logit_normal"  # flow: logit_normal | uniform
+
+
+@dataclass
+class ModalityConfig:
+    """Keys every modality has. Each modality extends this with its own."""
+
+    name: str = "image"
+    process: str = "gaussian"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+class Modality:
+    """One kind of data. Subclasses set `Config` and implement the methods below.
+
+    The backbone sees only what `to_tokens` makes; `model_fn` wraps it so that noise
+    processes call it on data-shaped tensors: model_fn(xt, t, cond) -> prediction shaped like xt
+    (or logits per token for discrete data).
+    """
+
+    Config = ModalityConfig
+
+    def __init__(self, cfg, patch: int):
+        self.cfg, self.patch = cfg, patch
+
+    # --- data ---------------------------------------------------------------------------
+    def dataset(self, split: str):
+        """A torch Dataset of dicts ({"x": ..., optional "label", "caption"}); items that
+        cannot be read raise modalities.data.BadSample naming the file."""
+        raise NotImplementedError
+
+    def resolve(self, train_set) -> dict:
+        """Facts learnt from the training data that sampling needs later (class count,
+        vocabulary); written into the run's config. Default: none."""
+        return {}
+
+    def check(self, backbone) -> None:
+        """Reject impossible shapes (patch vs. input size...) before any data is loaded."""
+
+    def encode(self, batch) -> torch.Tensor:
+        """Raw batch (already on device) -> x0 in the diffusion space."""
+        return batch["x"]
+
+    def cond(self, batch) -> dict:
+        """Raw batch -> condition tensors for the backbone (label, cond, context...)."""
+        return {}
+
+    def decode(self, x0):
+        """x0 -> user-facing data (pixels in [0, 1], waveforms, strings)."""
+        return x0
+
+    def save(self, samples, path) -> str:
+        """Write the decoded samples as the user-facing artefact; returns the path written."""
+        raise NotImplementedError
+
+    # --- tokens -------------------------------------------------------------------------
+    def backbone_kwargs(self) -> dict:
+        """What the DiT must be built with: in_dim or in_vocab, out_dim, num_classes, ..."""
+        raise NotImplementedError
+
+    def to_tokens(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """x -> (tokens (B, N, D) or ids (B, N), positions (N, A) integer grid coordinates)."""
+        raise NotImplementedError
+
+    def from_tokens(self, tokens, shape) -> torch.Tensor:
+        """Backbone output tokens (B, N, out_dim) -> tensor shaped like the x of `shape`."""
+        raise NotImplementedError
+
+    def model_fn(self, backbone):
+        def fn(xt, t, cond):
+            tokens, positions = self.to_tokens(xt)
+            return self.from_tokens(backbone(tokens, positions, t, **cond), xt.shape)
+
+        return fn
+
+    # --- sampling -----------------------------------------------------------------------
+    def sample_shape(self, n: int) -> tuple:
+        raise NotImplementedError
+
+    def sample_cond(self, n: int, device, **request) -> dict:
+        """Conditions for n samples from what the user asked (label=3, prompt=...)."""
+        return {}
+
+    def process_kwargs(self) -> dict:
+        """Sizes the noise process needs from this modality (e.g. the vocabulary). Default: none."""
+        return {}
+
+    def sample_options(self, **request) -> dict:
+        """Extra keyword arguments for the process's sample() from the user's request
+        (e.g. fixed prompt tokens for discrete text). Default: none."""
+        return {}

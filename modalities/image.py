@@ -1,0 +1,112 @@
+"""Images in pixel space: 2-D patch tokens, class-conditional, saved as PNG grids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torchvision.utils import save_image
+
+from modalities.base import DiffusionConfig, Modality, ModalityConfig
+from modalities.image_data import MNIST, ImageFolder, Shapes
+
+
+@dataclass
+class ImageConfig(ModalityConfig):
+    name: str = "image"
+    process: str = "gaussian"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    dataset: str = "shapes"  # shapes (built in) | mnist (idx files in path) | folder (path)
+    path: str | None = None
+    size: int = 32  # images are centre-cropped and resized to size x size
+    channels: int | None = None  # None: 1 for mnist, 3 otherwise
+    conditional: bool = True  # train and sample with class labels (classifier-free guidance)
+    shapes_items: int = 20000  # size of the built-in shapes training split (test: a tenth)
+    classes: list[str] | None = None  # filled from the data at the start of training
+
+
+class Image(Modality):
+    Config = ImageConfig
+    DATASETS = ("shapes", "mnist", "folder")
+
+    def __init__(self, cfg, patch: int):
+        super().__init__(cfg, patch)
+        if cfg.dataset not in self.DATASETS:
+            raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {self.DATASETS}")
+        if cfg.dataset != "shapes" and not cfg.path:
+            raise ValueError(f"modality.dataset={cfg.dataset} needs modality.path=<folder>")
+        self.channels = cfg.channels or (1 if cfg.dataset == "mnist" else 3)
+        self.grid = (cfg.size // patch, cfg.size // patch)
+
+    @property
+    def classes(self) -> list[str]:
+        if self.cfg.classes is None:
+            raise ValueError("modality.classes is unset: the class list comes from the training data")
+        return list(self.cfg.classes)
+
+    def check(self, backbone):
+        if self.cfg.size % backbone.patch:
+            ok = [p for p in (1, 2, 4, 8) if self.cfg.size % p == 0]
+            raise ValueError(
+                f"backbone.patch={backbone.patch} does not divide modality.size={self.cfg.size}; "
+                f"use backbone.patch in {ok} or a modality.size divisible by {backbone.patch}"
+            )
+
+    def dataset(self, split: str):
+        cfg = self.cfg
+        if cfg.dataset == "shapes":
+            n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
+            return Shapes(n, cfg.size, self.channels, seed=0 if split == "train" else 1)
+        if cfg.dataset == "mnist":
+            return MNIST(cfg.path, split, cfg.size, self.channels)
+        root = Path(cfg.path)
+        return ImageFolder(root / split if (root / split).is_dir() else root, cfg.size, self.channels)
+
+    def resolve(self, train_set) -> dict:
+        return {"classes": list(train_set.classes), "channels": self.channels}
+
+    def cond(self, batch):
+        return {"label": batch["label"]} if self.cfg.conditional else {}
+
+    def decode(self, x0):
+        return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, H, W) in [0, 1]
+
+    def save(self, samples, path):
+        path = Path(path).with_suffix(".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(samples, path, nrow=max(1, int(len(samples) ** 0.5)), padding=1)
+        return str(path)
+
+    def backbone_kwargs(self):
+        dim = self.patch * self.patch * self.channels
+        return {"in_dim": dim, "out_dim": dim, "num_classes": len(self.classes) if self.cfg.conditional else 0}
+
+    def to_tokens(self, x):
+        tokens = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch, p2=self.patch)
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+        return tokens, torch.stack([ys, xs], dim=-1).reshape(-1, 2)  # (B, N, p*p*C), (N, 2)
+
+    def from_tokens(self, tokens, shape):
+        h, w = shape[-2] // self.patch, shape[-1] // self.patch
+        return rearrange(tokens, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, w=w, p1=self.patch, p2=self.patch)
+
+    def sample_shape(self, n):
+        return (n, self.channels, self.cfg.size, self.cfg.size)
+
+    def sample_cond(self, n, device, label=None, **request):
+        if not self.cfg.conditional:
+            if label is not None:
+                raise ValueError("this model was trained without labels (modality.conditional=false); drop label=")
+            return {}
+        classes = self.classes
+        if label is None:
+            labels = torch.arange(n) % len(classes)  # a grid that cycles through the classes
+        else:
+            index = classes.index(str(label)) if str(label) in classes else label
+            if not isinstance(index, int) or not 0 <= index < len(classes):
+                raise ValueError(f"label={label!r} is not a class of this model: {classes} (or 0..{len(classes) - 1})")
+            labels = torch.full((n,), index)
+        return {"label": labels.to(device)}

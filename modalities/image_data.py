@@ -1,0 +1,178 @@
+"""Image data sets: built-in coloured shapes (no download), MNIST idx files, image folders.
+
+Every item is {"x": (C, H, W) float in [-1, 1], "label": int, "caption": str}.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+from modalities.data import BadSample
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
+           "yellow": (240, 210, 40), "purple": (150, 60, 200), "white": (240, 240, 240)}
+PLACES = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
+          "bottom right": (0.7, 0.7), "centre": (0.5, 0.5)}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
+    """PIL image -> (C, size, size) in [-1, 1] (centre crop to a square, then resize)."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    transform = T.Compose([
+        T.PILToTensor(), T.CenterCrop(min(image.size)), T.Resize(size, antialias=True),
+        T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * channels, [0.5] * channels),
+    ])
+    return transform(image)
+
+
+class Shapes(Dataset):
+    """Procedurally drawn coloured shapes on a dark background, labelled by shape kind and
+    captioned like "a small red circle top left". Item i is the same on every machine.
+
+    Args:
+        n: items in the split; seed: split seed (train and test differ by seed).
+    """
+
+    classes = SHAPES
+
+    def __init__(self, n: int, size: int, channels: int = 3, seed: int = 0):
+        self.n, self.size, self.channels, self.seed = n, size, channels, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        kind = int(rng.integers(len(SHAPES)))
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        place = list(PLACES)[rng.integers(len(PLACES))]
+        big = bool(rng.integers(2))
+        s = 4 * self.size  # draw large, then downsample for smooth edges
+        image = Image.new("RGB", (s, s), (20, 20, 28))
+        draw = ImageDraw.Draw(image)
+        cx, cy = (np.array(PLACES[place]) + rng.normal(0, 0.03, 2)) * s
+        r = (0.22 if big else 0.13) * s
+        fill = COLOURS[colour]
+        box = [cx - r, cy - r, cx + r, cy + r]
+        name = SHAPES[kind]
+        if name == "circle":
+            draw.ellipse(box, fill=fill)
+        elif name == "square":
+            draw.rectangle(box, fill=fill)
+        elif name == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        elif name == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        elif name == "cross":
+            w = r / 3
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        else:
+            draw.ellipse(box, outline=fill, width=max(1, int(r / 3)))
+        caption = f"a {'large' if big else 'small'} {colour} {name} {place}"
+        return {"x": to_tensor(image, self.size, self.channels), "label": kind, "caption": caption}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (the MNIST format), gzip or plain, checking its header."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError("not an unsigned-byte idx file")
+        shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return array.reshape(shape)
+    except (OSError, EOFError, ValueError, struct.error) as e:
+        raise ValueError(f"{path}: cannot read as an idx file ({e})") from e
+
+
+class MNIST(Dataset):
+    """MNIST from its original idx files in `root` (train-* and t10k-*), gzip or not."""
+
+    classes = tuple(str(d) for d in range(10))
+
+    def __init__(self, root: str, split: str, size: int, channels: int = 1):
+        prefix = "train" if split == "train" else "t10k"
+        root = Path(root)
+        found = {}
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            candidates = [root / f"{prefix}-{kind}.gz", root / f"{prefix}-{kind}"]
+            path = next((p for p in candidates if p.exists()), None)
+            if path is None:
+                raise FileNotFoundError(f"MNIST file {candidates[0]} not found (set modality.path to the folder)")
+            found[kind] = read_idx(path)
+        self.images, self.labels = found["images-idx3-ubyte"], found["labels-idx1-ubyte"]
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{root}: {len(self.images)} images but {len(self.labels)} labels")
+        self.size, self.channels = size, channels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        label = int(self.labels[i])
+        return {"x": to_tensor(Image.fromarray(self.images[i]), self.size, self.channels), "label": label,
+                "caption": f"the digit {label}"}
+
+
+class ImageFolder(Dataset):
+    """Images in class sub-folders (root/<class>/*.png), or flat (one class), with optional
+    captions in root/captions.jsonl ({"file": "<relative path>", "caption": "..."} per line).
+    Files without an image extension are listed in `skipped`; files that fail to decode raise
+    BadSample when read."""
+
+    def __init__(self, root: str, size: int, channels: int = 3):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist (modality.path)")
+        self.size, self.channels = size, channels
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+        self.classes = tuple(p.name for p in subdirs) or ("all",)
+        self.items, self.skipped = [], []
+        for label, folder in enumerate(subdirs or [root]):
+            for path in sorted(folder.rglob("*") if subdirs else folder.iterdir()):
+                if not path.is_file() or path.name == "captions.jsonl":
+                    continue
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    self.items.append((path, label))
+                else:
+                    self.skipped.append(f"{path}: not an image file extension")
+        if not self.items:
+            raise ValueError(f"image folder {root} holds no images ({sorted(IMAGE_EXTENSIONS)})")
+        self.captions = {}
+        captions = root / "captions.jsonl"
+        if captions.exists():
+            for n, line in enumerate(captions.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        self.captions[str(root / row["file"])] = str(row["caption"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{captions}:{n}: expected {{'file': ..., 'caption': ...}} ({e})") from e
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                x = to_tensor(image, self.size, self.channels)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise BadSample(path, f"cannot decode image ({type(e).__name__}: {e})") from e
+        return {"x": x, "label": label, "caption": self.captions.get(str(path), "")}

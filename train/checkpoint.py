@@ -1,0 +1,124 @@
+"""Checkpoint directories: written atomically, read without unpickling.
+
+    runs/<name>/checkpoints/
+        step_00001000/
+            config.yaml          the fully resolved config that made the model
+            model.safetensors    EMA weights: all that sampling needs
+            state/               accelerator.save_state: weights, optimizer, scheduler, RNGs, counters
+        last -> step_00001000    symlinks, replaced atomically
+        best -> step_00000500
+
+A checkpoint is assembled in `step_XXXXXXXX.tmp` and renamed into place, so a run killed
+mid-write leaves the previous checkpoints as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from backbones.dit import DiT
+from modalities import build_modality
+from train.config import load_run_config
+
+
+def build_model(cfg, modality) -> DiT:
+    """The DiT that `cfg` describes, shaped for `modality`."""
+    b = cfg.backbone
+    return DiT(
+        hidden_size=b.hidden_size, depth=b.depth, num_heads=b.num_heads, mlp_ratio=b.mlp_ratio,
+        pos=b.pos, qk_norm=b.qk_norm, cond_dropout=b.cond_dropout,
+        attn_backend=cfg.attention, grad_checkpointing=cfg.grad_checkpointing, **modality.backbone_kwargs(),
+    )
+
+
+def _point(link: Path, target: str):
+    """Make `link` a symlink to `target` atomically (a new link renamed over the old one)."""
+    tmp = link.with_name(link.name + ".tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(accelerator, root: Path, step: int, cfg, ema_model, keep_last: int, is_best: bool) -> Path:
+    """Write checkpoint `step` under `root` (every process must call this: save_state is collective).
+
+    Returns the final directory."""
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-write
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    if accelerator.is_main_process:
+        OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in ema_model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors", metadata={"step": str(step), "format": "pt"})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _point(root / "last", final.name)
+        if is_best:
+            _point(root / "best", final.name)
+        _prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep_last: int):
+    """Delete step checkpoints beyond the newest `keep_last`, never the one `best` points to."""
+    best = (root / "best").resolve() if (root / "best").exists() else None
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[: max(0, len(steps) - keep_last)]:
+        if old.resolve() != best:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    complete = [p for p in steps if (p / "model.safetensors").exists() and (p / "state").is_dir()]
+    return complete[-1] if complete else None
+
+
+def load_weights(model: torch.nn.Module, path: Path):
+    """Load safetensors weights into `model`, naming the file and every mismatch."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: file has {tuple(v.shape)}, config.yaml's architecture needs {tuple(expected[k].shape)}"
+        for k, v in state.items() if k in expected and v.shape != expected[k].shape
+    ]
+    if problems:
+        raise ValueError(f"{path} does not match the architecture in config.yaml beside it:\n  " + "\n  ".join(problems[:12]))
+    model.load_state_dict(state)
+
+
+def load_model(ckpt, device="cpu"):
+    """A checkpoint directory -> (cfg, modality, EMA model in eval mode on device)."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
+    cfg = load_run_config(ckpt / "config.yaml")
+    modality = build_modality(cfg.modality, cfg.backbone.patch)
+    model = build_model(cfg, modality)
+    load_weights(model, ckpt / "model.safetensors")
+    model.set_attention_backend(cfg.attention if cfg.attention != "xformers" else "auto", torch.device(device).type)
+    return cfg, modality, model.to(device).eval()

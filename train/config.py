@@ -1,0 +1,130 @@
+"""Config schemas. Hydra composes configs/train.yaml against these dataclasses, so a misspelt
+key or a value of the wrong type fails at start-up naming the key; values with a fixed set of
+choices are checked by `validate`, which names the valid ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from modalities import MODALITIES
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    depth: int = MISSING
+    hidden_size: int = MISSING
+    num_heads: int = MISSING
+    patch: int = 2
+    mlp_ratio: float = 4.0
+    pos: str = "rope"  # rope | sincos
+    qk_norm: bool = True
+    cond_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    schedule: str = "constant"  # constant | cosine
+    fused: bool = True
+
+
+@dataclass
+class DataConfig:
+    bad_threshold: float = 0.01
+
+
+@dataclass
+class SampleConfig:
+    every: int = 1000
+    n: int = 16
+    steps: int = 50
+    sampler: str = "dpmpp_2m"
+    guidance: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    modality: Any = MISSING
+    backbone: BackboneConfig = MISSING
+    optim: OptimConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    name: str | None = None
+    out_dir: str = "runs"
+    resume: str | None = None
+    seed: int = 0
+    steps: int = 20000
+    batch_size: int = 64
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    attention: str = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    num_workers: int = 2
+    log_every: int = 50
+    save_every: int = 1000
+    keep_last: int = 2
+    max_bad_steps: int = 20
+    deterministic: bool = False
+
+
+def register_schemas():
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="backbone", name="backbone_schema", node=BackboneConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    for name, cls in MODALITIES.items():
+        cs.store(group="modality", name=f"{name}_schema", node=cls.Config)
+
+
+def _choice(key: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def validate(cfg: DictConfig):
+    """Check values with a fixed set of choices and the numbers that must be positive."""
+    from backbones.attention import BACKENDS
+    from diffusion import PROCESSES
+
+    _choice("mixed_precision", cfg.mixed_precision, ("no", "bf16", "fp16"))
+    _choice("attention", cfg.attention, BACKENDS)
+    _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine"))
+    _choice("modality.name", cfg.modality.name, MODALITIES)
+    _choice("modality.process", cfg.modality.process, PROCESSES)
+    for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "sample.n", "sample.steps"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
+    if not 0 <= cfg.data.bad_threshold < 1:
+        raise ValueError(f"data.bad_threshold={cfg.data.bad_threshold} must be in [0, 1)")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
+
+
+def load_run_config(path) -> DictConfig:
+    """Read a saved config.yaml back against the schemas (types and keys checked)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a checkpoint directory holds config.yaml and model.safetensors")
+    saved = OmegaConf.load(path)
+    name = OmegaConf.select(saved, "modality.name")
+    if name not in MODALITIES:
+        raise ValueError(f"{path}: modality.name={name!r} is not a modality of this polydiff ({sorted(MODALITIES)})")
+    schema = OmegaConf.structured(TrainConfig)
+    schema.modality = OmegaConf.structured(MODALITIES[name].Config)
+    schema.backbone = OmegaConf.structured(BackboneConfig)
+    schema.optim = OmegaConf.structured(OptimConfig)
+    return OmegaConf.merge(schema, saved)

@@ -1,0 +1,290 @@
+"""Train the shared DiT on one modality.
+
+    accelerate launch train/train.py modality=image            # one or many GPUs
+    python train/train.py modality=image backbone=dit_xs       # one process, CPU or GPU
+
+Reads top to bottom: config -> accelerator and seed -> modality -> DiT -> EMA -> optimizer
+and schedule -> loader -> accelerator.prepare -> resume -> loop (encode, loss, backward, clip,
+step, EMA, log, sample, save).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/train.py` without an install: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hydra
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from backbones.dit import check_shape
+from diffusion import build_process
+from modalities import build_modality
+from modalities.data import BadDataTracker, Tolerant, collate
+from train.checkpoint import build_model, latest_checkpoint, save_checkpoint
+from train.config import CONFIG_DIR, register_schemas, validate
+from train.ema import update_ema
+from train.plots import plot_losses
+
+register_schemas()
+logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
+
+
+class TrainState:
+    """Counters and the noise generator, saved and restored with the checkpoint.
+
+    Noise, timesteps and condition dropout come from `generator`, not the global RNG, so that a
+    resumed run draws exactly what the uninterrupted one would have."""
+
+    def __init__(self, seed: int, device):
+        self.step = self.epoch = self.batch_in_epoch = self.bad_steps = 0
+        self.best_loss = math.inf
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def state_dict(self):
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "bad_steps": self.bad_steps, "best_loss": self.best_loss, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.bad_steps, self.best_loss = state["bad_steps"], state["best_loss"]
+        self.generator.set_state(state["generator"])
+
+
+def make_accelerator(cfg, run_dir: Path) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        # A seedable sampler makes the data order a function of (seed, epoch): needed for exact resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def choose_run_dir(cfg) -> Path:
+    """runs/<name>. Without a name the main process stamps one and tells the others, so every
+    process of `accelerate launch` writes to the same folder."""
+    out = Path(cfg.out_dir)
+    name = cfg.name
+    if name is None and cfg.resume == "auto":  # continue the newest run of this modality
+        runs = sorted(out.glob(f"{cfg.modality.name}-*"), key=lambda p: p.stat().st_mtime)
+        name = runs[-1].name if runs else None
+    if name is None:
+        PartialState()  # joins the process group, so the broadcast below reaches every process
+        stamp = [f"{cfg.modality.name}-{datetime.now():%Y%m%d-%H%M%S}"]
+        broadcast_object_list(stamp)
+        name = stamp[0]
+    return out / name
+
+
+def make_optimizer(cfg, model, device):
+    o = cfg.optim
+    fused = o.fused and device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                  fused=fused or None)
+
+    def lr_factor(step):  # linear warm-up, then constant or cosine to zero
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def make_loader(cfg, dataset, accelerator) -> DataLoader:
+    per_process = cfg.batch_size // (accelerator.num_processes * cfg.grad_accum)
+    if per_process * accelerator.num_processes * cfg.grad_accum != cfg.batch_size or per_process < 1:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be a multiple of processes ({accelerator.num_processes}) x "
+            f"grad_accum ({cfg.grad_accum}); e.g. batch_size={max(1, per_process) * accelerator.num_processes * cfg.grad_accum}"
+        )
+    return DataLoader(Tolerant(dataset), batch_size=per_process, shuffle=True, drop_last=True,
+                      num_workers=cfg.num_workers, collate_fn=collate, persistent_workers=False)
+
+
+def draw_samples(cfg, modality, process, ema_model, device, path: Path, seed: int = 0) -> str:
+    """Sample a grid from the EMA model with the `sample:` settings and save it."""
+    s = cfg.sample
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ema_model.eval()
+    x0 = process.sample(modality.model_fn(ema_model), modality.sample_shape(s.n), modality.sample_cond(s.n, device),
+                        steps=s.steps, sampler=s.sampler, guidance=s.guidance, generator=generator, device=device,
+                        **modality.sample_options())
+    return modality.save(modality.decode(x0), path)
+
+
+def train(cfg) -> Path:
+    """Run (or resume) the training that `cfg` describes; returns the run directory."""
+    validate(cfg)
+    check_shape(cfg.backbone.hidden_size, cfg.backbone.num_heads, cfg.backbone.pos)
+    modality = build_modality(cfg.modality, cfg.backbone.patch)
+    modality.check(cfg.backbone)
+
+    run_dir = choose_run_dir(cfg)
+    accelerator = make_accelerator(cfg, run_dir)
+    set_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = accelerator.device
+
+    train_set = modality.dataset("train")
+    OmegaConf.set_struct(cfg, False)  # record what the data taught us (classes, vocabulary) in the config
+    cfg.modality = OmegaConf.merge(cfg.modality, modality.resolve(train_set))
+    OmegaConf.set_struct(cfg, True)
+    modality = build_modality(cfg.modality, cfg.backbone.patch)
+
+    model = build_model(cfg, modality).to(device)
+    model.set_attention_backend(cfg.attention, device.type)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+    if cfg.compile:
+        model.compile_blocks()
+    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    optimizer, scheduler = make_optimizer(cfg, model, device)
+    loader = make_loader(cfg, train_set, accelerator)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state = TrainState(cfg.seed + accelerator.process_index, device)
+    accelerator.register_for_checkpointing(scheduler, ema_model, state)
+
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = latest_checkpoint(run_dir)
+    elif cfg.resume:
+        resume_from = Path(cfg.resume).resolve()
+        if not (resume_from / "state").is_dir():
+            raise FileNotFoundError(f"resume={cfg.resume}: no resumable state in {resume_from / 'state'}")
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "state"))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        accelerator.init_trackers("tb", config=flat_hparams(cfg))
+
+    # SIGTERM (what schedulers send before pre-emption) asks for a checkpoint and a clean exit.
+    stop = {"signal": None}
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    model_fn = modality.model_fn(model)
+    tracker = BadDataTracker(cfg.data.bad_threshold)
+    losses, window = [], []
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not accelerator.is_main_process, desc=run_dir.name)
+    t0, seen = time.perf_counter(), 0
+    model.train()
+    while state.step < cfg.steps and stop["signal"] is None:
+        loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            tracker.add(batch["n"], batch["bad"], verbose=True)
+            with accelerator.accumulate(model):
+                x0 = modality.encode(batch)
+                cond = modality.cond(batch)
+                if cond:  # condition dropout for guidance, drawn from the checkpointed generator
+                    cond["drop"] = torch.rand(x0.shape[0], generator=state.generator, device=device) < cfg.backbone.cond_dropout
+                loss = process.loss(model_fn, x0, cond, generator=state.generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    # The norm is taken after the gradients were averaged over processes, so every
+                    # process reaches the same verdict (a NaN loss anywhere makes it NaN everywhere).
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                    finite = bool(torch.isfinite(grad_norm))
+                    if finite:
+                        optimizer.step()
+                        state.bad_steps = 0
+                    else:
+                        state.bad_steps += 1
+                        accelerator.print(f"warning: non-finite loss or gradient at step {state.step}, step skipped "
+                                          f"({state.bad_steps} in a row)")
+                        if state.bad_steps >= cfg.max_bad_steps:
+                            raise FloatingPointError(
+                                f"{state.bad_steps} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}); "
+                                f"the last good checkpoint is {ckpt_root / 'last'}. Lower optim.lr, or check the data."
+                            )
+                    optimizer.zero_grad(set_to_none=True)
+            seen += batch["n"]
+            window.append(loss.detach().float())
+            if not accelerator.sync_gradients:
+                continue
+
+            scheduler.step()
+            update_ema(ema_model, accelerator.unwrap_model(model), cfg.ema_decay, state.step)
+            state.step += 1
+            bar.update(1)
+
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                mean_loss = accelerator.reduce(torch.stack(window).nanmean(), "mean").item()
+                rate = seen * accelerator.num_processes / (time.perf_counter() - t0)
+                losses.append((state.step, mean_loss))
+                accelerator.log({"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate},
+                                step=state.step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.0f}")
+                window, t0, seen = [], time.perf_counter(), 0
+            if accelerator.is_main_process and cfg.sample.every and state.step % cfg.sample.every == 0:
+                draw_samples(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["signal"] is not None:
+                is_best = bool(losses) and losses[-1][1] < state.best_loss
+                if is_best:
+                    state.best_loss = losses[-1][1]
+                save_checkpoint(accelerator, ckpt_root, state.step, cfg, ema_model, cfg.keep_last, is_best)
+            if state.step >= cfg.steps or stop["signal"] is not None:
+                break
+        else:  # the epoch ran out
+            tracker.check(final=True)
+            accelerator.print(f"epoch {state.epoch} done: {tracker.summary()}")
+            tracker.reset()
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    bar.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        if losses:
+            plot_losses(losses, run_dir / "loss.png")
+        why = "stopped by SIGTERM" if stop["signal"] is not None else "done"
+        print(f"{why} at step {state.step}: checkpoint {ckpt_root / 'last'}, samples {run_dir / 'samples'}, "
+              f"TensorBoard logs {run_dir / 'tb'}")
+    return run_dir
+
+
+def flat_hparams(cfg) -> dict:
+    """The config flattened to scalars, as TensorBoard's hparams want."""
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
+def main(cfg):
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
