@@ -100,6 +100,11 @@ class Modality:
         """Sizes the noise process needs from this modality (e.g. the vocabulary). Default: none."""
         return {}
 
+    def evaluate(self, model, process, args, device) -> dict:
+        """This modality's metrics for a trained model (see infer/evaluate.py for `args`):
+        a flat dict of name -> number. Default: none."""
+        raise NotImplementedError(f"modality {self.cfg.name} has no evaluation yet")
+
     def sample_options(self, **request) -> dict:
         """Extra keyword arguments for the process's sample() from the user's request
         (e.g. fixed prompt tokens for discrete text). Default: none."""

@@ -1,0 +1,83 @@
+"""Draw samples from a trained checkpoint; the architecture comes from the checkpoint itself.
+
+    python infer/sample.py ckpt=runs/<run>/checkpoints/last steps=50 sampler=dpmpp_2m guidance=3 label=3
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python infer/sample.py` without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from omegaconf import MISSING
+from tqdm import tqdm
+
+from diffusion import build_process
+from infer.cli import parse, pick_device
+from train.checkpoint import load_model
+
+
+@dataclass
+class SampleArgs:
+    ckpt: str = MISSING  # a checkpoint directory (config.yaml + model.safetensors)
+    n: int = 16  # number of samples
+    steps: int | None = None  # sampler steps (default: the training config's sample.steps)
+    sampler: str | None = None  # default: the training config's sample.sampler
+    guidance: float | None = None  # classifier-free guidance scale; 1 = none (default: training config's)
+    seed: int = 0
+    label: Any = None  # class index or name (image models trained with labels)
+    prompt: str | None = None  # text models: fixed prefix
+    eta: float | None = None  # ddim: 0 deterministic .. 1 DDPM
+    block: int | None = None  # discrete text, sampler=blocks: block length
+    temperature: float | None = None  # discrete text
+    top_k: int | None = None
+    top_p: float | None = None
+    batch: int = 64  # samples per forward pass
+    preview: bool = False  # also save the x0 estimate at 8 points along the way
+    out: str | None = None  # output path (default: <ckpt>/samples/...)
+    device: str = "auto"
+
+
+def sample(args) -> str:
+    device = pick_device(args.device)
+    cfg, modality, model = load_model(args.ckpt, device)
+    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    steps = args.steps or cfg.sample.steps
+    sampler = args.sampler or cfg.sample.sampler
+    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
+    request = {k: args[k] for k in ("label", "prompt") if args[k] is not None}
+    options = {k: args[k] for k in ("eta", "block", "temperature", "top_k", "top_p") if args[k] is not None}
+    options.update(modality.sample_options(**request))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    chunks, previews = [], []
+    keep = sorted({round(i * (steps - 1) / 7) for i in range(8)})
+    for start in tqdm(range(0, args.n, args.batch), desc="sampling", disable=args.n <= args.batch):
+        n = min(args.batch, args.n - start)
+
+        def callback(i, x0_hat, first=(start == 0)):
+            if args.preview and first and i in keep:
+                previews.append(x0_hat[: min(n, 8)].clone())
+
+        x0 = process.sample(modality.model_fn(model), modality.sample_shape(n), modality.sample_cond(n, device, **request),
+                            steps=steps, sampler=sampler, guidance=guidance, generator=generator, device=device,
+                            callback=callback, **options)
+        chunks.append(modality.decode(x0))
+    samples = torch.cat(chunks) if isinstance(chunks[0], torch.Tensor) else sum(chunks, [])
+    out = args.out or str(Path(args.ckpt) / "samples" / f"{sampler}-{steps}steps-g{guidance:g}-seed{args.seed}")
+    path = modality.save(samples, out)
+    if previews:  # rows: the first samples; columns: time from noise to the answer
+        stacked = torch.stack(previews, dim=1).flatten(0, 1)
+        preview_path = modality.save(modality.decode(stacked), f"{out}-preview")
+        print(f"x0 previews at steps {keep}: {preview_path}")
+    print(f"wrote {args.n} samples ({sampler}, {steps} steps, guidance {guidance:g}, seed {args.seed}) to {path}")
+    return path
+
+
+if __name__ == "__main__":
+    sample(parse(SampleArgs))
