@@ -12,6 +12,12 @@ def plot_losses(losses: list[tuple[int, float]], path: Path):
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
+    import csv
+
+    if (path.parent / "loss.csv").exists():  # the whole run, across resumes
+        with open(path.parent / "loss.csv") as f:
+            rows = {int(step): float(value) for step, value in csv.reader(f)}  # a resumed step: last value
+        losses = sorted(rows.items())
     steps, values = zip(*losses)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, values, lw=1.2)

@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -130,8 +131,17 @@ def draw_samples(cfg, modality, process, ema_model, device, path: Path, seed: in
     return modality.save(modality.decode(x0), path)
 
 
-def train(cfg) -> Path:
-    """Run (or resume) the training that `cfg` describes; returns the run directory."""
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list  # (step, mean loss over the logging window) of this process's run
+    model: torch.nn.Module  # the trained (unwrapped) model, for tests and notebooks
+    ema_model: torch.nn.Module
+
+
+def train(cfg) -> TrainResult:
+    """Run (or resume) the training that `cfg` describes."""
     validate(cfg)
     check_shape(cfg.backbone.hidden_size, cfg.backbone.num_heads, cfg.backbone.pos)
     modality = build_modality(cfg.modality, cfg.backbone.patch)
@@ -234,6 +244,9 @@ def train(cfg) -> Path:
                 mean_loss = accelerator.reduce(torch.stack(window).nanmean(), "mean").item()
                 rate = seen * accelerator.num_processes / (time.perf_counter() - t0)
                 losses.append((state.step, mean_loss))
+                if accelerator.is_main_process:  # appended as we go: a resumed run continues the file
+                    with open(run_dir / "loss.csv", "a") as f:
+                        f.write(f"{state.step},{mean_loss!r}\n")
                 accelerator.log({"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate},
                                 step=state.step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.0f}")
@@ -263,7 +276,7 @@ def train(cfg) -> Path:
         why = "stopped by SIGTERM" if stop["signal"] is not None else "done"
         print(f"{why} at step {state.step}: checkpoint {ckpt_root / 'last'}, samples {run_dir / 'samples'}, "
               f"TensorBoard logs {run_dir / 'tb'}")
-    return run_dir
+    return TrainResult(run_dir, state.step, losses, accelerator.unwrap_model(model), ema_model)
 
 
 def flat_hparams(cfg) -> dict:

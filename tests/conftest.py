@@ -1,0 +1,33 @@
+"""Shared test helpers: compose the real Hydra config with tiny overrides."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from train.config import CONFIG_DIR, register_schemas
+
+register_schemas()
+
+# A model and data small enough for two CPU cores: dit_xs on 16x16 shapes.
+TINY = [
+    "backbone=dit_xs", "modality.size=16", "modality.shapes_items=512", "batch_size=16", "num_workers=0",
+    "log_every=1", "save_every=1000", "sample.every=0", "sample.steps=4", "optim.warmup_steps=10", "optim.lr=1e-3",
+]
+
+
+def compose_cfg(overrides=()):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """tiny_cfg(*overrides) -> a composed config writing under tmp_path."""
+
+    def make(*overrides):
+        return compose_cfg([*TINY, f"out_dir={tmp_path / 'runs'}", "name=t", *overrides])
+
+    return make

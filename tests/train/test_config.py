@@ -1,0 +1,65 @@
+import os
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import compose_cfg
+from modalities import MODALITIES, build_modality
+from train.config import CONFIG_DIR, validate
+
+GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml")) for g in ("modality", "backbone", "optim")}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    validate(cfg)
+    assert cfg[group] is not None
+
+
+def test_every_modality_has_a_config_file():
+    assert set(MODALITIES) <= set(GROUPS["modality"])
+
+
+def test_misspelt_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException, match="batchsize"):
+        compose_cfg(["batchsize=8"])
+    with pytest.raises(ConfigCompositionException, match="modality.sise"):
+        compose_cfg(["modality.sise=8"])
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    with pytest.raises(ConfigCompositionException, match="dit_xs"):
+        compose_cfg(["backbone=dit_q"])
+
+
+def test_wrong_type_fails_naming_the_key():
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError), match="steps"):
+        compose_cfg(["steps=many"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("mixed_precision=fp8", r"mixed_precision='fp8' is not valid; choose one of \['no', 'bf16', 'fp16'\]"),
+    ("attention=flash9", "attention='flash9'"),
+    ("modality.process=ddx", "modality.process='ddx'"),
+    ("batch_size=0", "batch_size=0 must be at least 1"),
+    ("data.bad_threshold=2", "data.bad_threshold=2"),
+])
+def test_bad_values_fail_with_the_choices(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(compose_cfg([override]))
+
+
+def test_patch_must_divide_the_image():
+    cfg = compose_cfg(["modality.size=30", "backbone.patch=4"])
+    with pytest.raises(ValueError, match=r"backbone.patch=4 does not divide modality.size=30; use backbone.patch in \[1, 2\]"):
+        build_modality(cfg.modality, cfg.backbone.patch).check(cfg.backbone)
+
+
+def test_configs_hold_no_machine_paths():
+    for root, _, files in os.walk(CONFIG_DIR):
+        for name in files:
+            text = Path(root, name).read_text()
+            assert "/work/" not in text and "/home/" not in text and "../shared" not in text, name
