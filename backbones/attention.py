@@ -58,7 +58,7 @@ def _xformers_attention(q, k, v, causal: bool = False, mask: torch.Tensor | None
     return out.transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def xformers_available(device_type: str = "cuda") -> bool:
     """True when xFormers imports *and* its kernel runs here (import alone is not enough:
     wheels built for another torch import fine and then fail at the first call)."""

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
@@ -55,6 +56,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm in the input's dtype. Under bf16 autocast q and k are bf16 while the weight stays fp32,
+    and torch then falls back from its fused kernel to a slower composite one."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class TimestepEmbedder(nn.Module):
     """Diffusion time t in [0, 1] -> (B, D), through sinusoids of 1000 t and an MLP."""
 
@@ -76,8 +85,8 @@ class SelfAttention(nn.Module):
         self.num_heads, self.causal, self.backend = num_heads, causal, "sdpa"
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)  # one fused projection
         head_dim = hidden_size // num_heads
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x, rope):
@@ -98,8 +107,8 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(hidden_size, hidden_size)
         self.kv = nn.Linear(context_dim, 2 * hidden_size)
         head_dim = hidden_size // num_heads
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x, context, mask):
@@ -198,7 +207,9 @@ class DiT(nn.Module):
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
         self.cond_embedder = None
         if cond_dim:
-            self.cond_embedder = nn.Sequential(nn.Linear(cond_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            self.cond_embedder = nn.Sequential(
+                nn.Linear(cond_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            )
             self.cond_null = nn.Parameter(torch.zeros(cond_dim))
         if context_dim:
             self.context_null = nn.Parameter(torch.zeros(context_dim))
@@ -318,4 +329,3 @@ def check_shape(hidden_size: int, num_heads: int, pos: str):
 def num_flops_per_token(hidden_size: int, depth: int, n_tokens: int) -> float:
     """Training FLOPs per token: 6 x (12 d^2 + 2 N d) x depth (forward and backward)."""
     return 6 * (12 * hidden_size**2 + 2 * n_tokens * hidden_size) * depth
-

@@ -8,10 +8,14 @@ from __future__ import annotations
 import inspect
 
 from diffusion.continuous import GaussianVP, RectifiedFlow
+from diffusion.discrete import Autoregressive, MaskedDiffusion, UniformDiffusion
 
 PROCESSES = {
     "gaussian": GaussianVP,
     "flow": RectifiedFlow,
+    "masked": MaskedDiffusion,
+    "uniform": UniformDiffusion,
+    "autoregressive": Autoregressive,
 }
 
 

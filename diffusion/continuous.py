@@ -8,6 +8,7 @@ process's own x_t and t.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -25,6 +26,7 @@ class ContinuousProcess:
 
     t_max: float = 1.0
     t_min: float = 1e-3
+    samplers = tuple(SAMPLERS)  # valid names, the first the default
 
     def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -55,8 +57,19 @@ class ContinuousProcess:
         return denoise
 
     @torch.no_grad()
-    def sample(self, model_fn, shape, cond, steps=50, sampler="dpmpp_2m", guidance=1.0, generator=None,
-               device="cpu", callback=None, **sampler_options):
+    def sample(
+        self,
+        model_fn,
+        shape,
+        cond,
+        steps=50,
+        sampler="dpmpp_2m",
+        guidance=1.0,
+        generator=None,
+        device="cpu",
+        callback=None,
+        **sampler_options,
+    ):
         """Draw x0 samples.
 
         Args:
@@ -69,7 +82,11 @@ class ContinuousProcess:
             x0 samples of `shape`.
         """
         if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r} is not a continuous sampler; choose one of {sorted(SAMPLERS)}")
+            raise ValueError(f"sampler={sampler!r} is not a continuous sampler; choose one of {list(SAMPLERS)}")
+        accepted = inspect.signature(SAMPLERS[sampler]).parameters
+        unused = sorted(set(sampler_options) - set(accepted))
+        if unused:
+            raise ValueError(f"option(s) {unused} do not apply to sampler={sampler}")
         if steps < 1:
             raise ValueError(f"steps={steps} must be at least 1")
         sigmas = self.sigmas(steps)
@@ -106,8 +123,9 @@ class GaussianVP(ContinuousProcess):
         recommends for VP models (Lu et al. 2022, Sec. 3.3); on a Gaussian toy problem it beats
         uniform-t spacing for every sampler at 10-25 steps."""
         ends = self.sigma_of_t(torch.tensor([self.t_max, self.t_min], dtype=torch.float64)).log()
-        return torch.cat([torch.linspace(ends[0], ends[1], steps, dtype=torch.float64).exp(),
-                          torch.zeros(1, dtype=torch.float64)])
+        return torch.cat(
+            [torch.linspace(ends[0], ends[1], steps, dtype=torch.float64).exp(), torch.zeros(1, dtype=torch.float64)]
+        )
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         if self.schedule == "linear":

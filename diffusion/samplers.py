@@ -109,10 +109,10 @@ def sample_dpmpp_2m(denoise, x, sigmas, *, generator=None, callback=None):
     return x
 
 
-SAMPLERS = {
-    "ddpm": sample_ddpm,
+SAMPLERS = {  # the first is the default
+    "dpmpp_2m": sample_dpmpp_2m,
     "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
     "euler": sample_euler,
     "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
 }

@@ -15,7 +15,9 @@ def parse(schema, argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     bad = [a for a in argv if "=" not in a]
     if bad:
-        raise SystemExit(f"arguments are key=value; got {bad}. Valid keys: {sorted(OmegaConf.structured(schema).keys())}")
+        raise SystemExit(
+            f"arguments are key=value; got {bad}. Valid keys: {sorted(OmegaConf.structured(schema).keys())}"
+        )
     base = OmegaConf.structured(schema)
     try:
         args = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))

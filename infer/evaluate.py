@@ -1,7 +1,7 @@
 """Evaluate a checkpoint with its modality's own metrics; prints them and saves JSON beside it.
 
-    python infer/evaluate.py ckpt=runs/<run>/checkpoints/last                 # images: classifier agreement, FD
-    python infer/evaluate.py ckpt=... data.path=/my/heldout.txt                # text: held-out NLL bound
+python infer/evaluate.py ckpt=runs/<run>/checkpoints/last                 # images: classifier agreement, FD
+python infer/evaluate.py ckpt=... data.path=/my/heldout.txt                # text: held-out NLL bound
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class EvalArgs:
     seed: int = 0
     batch: int = 250
     mc_timesteps: int = 32  # Monte-Carlo timesteps per sequence for likelihood bounds (text)
+    reference: str | None = None  # text: an autoregressive checkpoint that scores samples (generative perplexity)
     device: str = "auto"
     out: str | None = None  # JSON path (default: <ckpt>/eval-<sampler>-<steps>.json)
     data: EvalData = field(default_factory=EvalData)
@@ -46,15 +47,25 @@ def evaluate(args) -> dict:
     device = pick_device(args.device)
     cfg, modality, model = load_model(args.ckpt, device)
     process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
-    args = OmegaConf.merge(args, {
-        "steps": args.steps or cfg.sample.steps,
-        "sampler": args.sampler or cfg.sample.sampler,
-        "guidance": cfg.sample.guidance if args.guidance is None else args.guidance,
-    })
+    args = OmegaConf.merge(
+        args,
+        {
+            "steps": args.steps or cfg.sample.steps,
+            "sampler": args.sampler or cfg.sample.sampler or process.samplers[0],
+            "guidance": cfg.sample.guidance if args.guidance is None else args.guidance,
+        },
+    )
     torch.manual_seed(args.seed)
     metrics = modality.evaluate(model, process, args, device)
-    result = {"ckpt": str(args.ckpt), "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-              "n": args.n, "seed": args.seed, **metrics}
+    result = {
+        "ckpt": str(args.ckpt),
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "n": args.n,
+        "seed": args.seed,
+        **metrics,
+    }
     out = Path(args.out or Path(args.ckpt) / f"eval-{args.sampler}-{args.steps}.json")
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

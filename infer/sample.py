@@ -1,6 +1,6 @@
 """Draw samples from a trained checkpoint; the architecture comes from the checkpoint itself.
 
-    python infer/sample.py ckpt=runs/<run>/checkpoints/last steps=50 sampler=dpmpp_2m guidance=3 label=3
+python infer/sample.py ckpt=runs/<run>/checkpoints/last steps=50 sampler=dpmpp_2m guidance=3 label=3
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class SampleArgs:
     ckpt: str = MISSING  # a checkpoint directory (config.yaml + model.safetensors)
     n: int = 16  # number of samples
     steps: int | None = None  # sampler steps (default: the training config's sample.steps)
-    sampler: str | None = None  # default: the training config's sample.sampler
+    sampler: str | None = None  # default: the training config's sample.sampler, else the process's first
     guidance: float | None = None  # classifier-free guidance scale; 1 = none (default: training config's)
     seed: int = 0
     label: Any = None  # class index or name (image models trained with labels)
@@ -48,7 +48,7 @@ def sample(args) -> str:
     cfg, modality, model = load_model(args.ckpt, device)
     process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
     steps = args.steps or cfg.sample.steps
-    sampler = args.sampler or cfg.sample.sampler
+    sampler = args.sampler or cfg.sample.sampler or process.samplers[0]
     guidance = cfg.sample.guidance if args.guidance is None else args.guidance
     request = {k: args[k] for k in ("label", "prompt") if args[k] is not None}
     options = {k: args[k] for k in ("eta", "block", "temperature", "top_k", "top_p") if args[k] is not None}
@@ -60,13 +60,22 @@ def sample(args) -> str:
     for start in tqdm(range(0, args.n, args.batch), desc="sampling", disable=args.n <= args.batch):
         n = min(args.batch, args.n - start)
 
-        def callback(i, x0_hat, first=(start == 0)):
+        def callback(i, x0_hat, first=(start == 0), n=n):
             if args.preview and first and i in keep:
                 previews.append(x0_hat[: min(n, 8)].clone())
 
-        x0 = process.sample(modality.model_fn(model), modality.sample_shape(n), modality.sample_cond(n, device, **request),
-                            steps=steps, sampler=sampler, guidance=guidance, generator=generator, device=device,
-                            callback=callback, **options)
+        x0 = process.sample(
+            modality.model_fn(model),
+            modality.sample_shape(n),
+            modality.sample_cond(n, device, **request),
+            steps=steps,
+            sampler=sampler,
+            guidance=guidance,
+            generator=generator,
+            device=device,
+            callback=callback,
+            **options,
+        )
         chunks.append(modality.decode(x0))
     samples = torch.cat(chunks) if isinstance(chunks[0], torch.Tensor) else sum(chunks, [])
     out = args.out or str(Path(args.ckpt) / "samples" / f"{sampler}-{steps}steps-g{guidance:g}-seed{args.seed}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from modalities.image import Image
+from modalities.text_discrete import TextDiscrete
 
 MODALITIES = {
     "image": Image,
+    "text_discrete": TextDiscrete,
 }
 
 

@@ -11,6 +11,7 @@ from torchvision.utils import save_image
 
 from modalities.base import DiffusionConfig, Modality, ModalityConfig
 from modalities.image_data import MNIST, ImageFolder, Shapes
+from modalities.image_metrics import evaluate_images
 
 
 @dataclass
@@ -110,3 +111,7 @@ class Image(Modality):
                 raise ValueError(f"label={label!r} is not a class of this model: {classes} (or 0..{len(classes) - 1})")
             labels = torch.full((n,), index)
         return {"label": labels.to(device)}
+
+    def evaluate(self, model, process, args, device):
+        """Classifier label agreement and Fréchet distance (see modalities/image_metrics.py)."""
+        return evaluate_images(self, model, process, args, device)

@@ -19,20 +19,36 @@ from torchvision.transforms import v2 as T
 from modalities.data import BadSample
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
-           "yellow": (240, 210, 40), "purple": (150, 60, 200), "white": (240, 240, 240)}
-PLACES = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7),
-          "bottom right": (0.7, 0.7), "centre": (0.5, 0.5)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 200),
+    "white": (240, 240, 240),
+}
+PLACES = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "centre": (0.5, 0.5),
+}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
     """PIL image -> (C, size, size) in [-1, 1] (centre crop to a square, then resize)."""
     image = image.convert("L" if channels == 1 else "RGB")
-    transform = T.Compose([
-        T.PILToTensor(), T.CenterCrop(min(image.size)), T.Resize(size, antialias=True),
-        T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * channels, [0.5] * channels),
-    ])
+    transform = T.Compose(
+        [
+            T.PILToTensor(),
+            T.CenterCrop(min(image.size)),
+            T.Resize(size, antialias=True),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize([0.5] * channels, [0.5] * channels),
+        ]
+    )
     return transform(image)
 
 
@@ -125,8 +141,11 @@ class MNIST(Dataset):
 
     def __getitem__(self, i):
         label = int(self.labels[i])
-        return {"x": to_tensor(Image.fromarray(self.images[i]), self.size, self.channels), "label": label,
-                "caption": f"the digit {label}"}
+        return {
+            "x": to_tensor(Image.fromarray(self.images[i]), self.size, self.channels),
+            "label": label,
+            "caption": f"the digit {label}",
+        }
 
 
 class ImageFolder(Dataset):

@@ -12,8 +12,17 @@ register_schemas()
 
 # A model and data small enough for two CPU cores: dit_xs on 16x16 shapes.
 TINY = [
-    "backbone=dit_xs", "modality.size=16", "modality.shapes_items=512", "batch_size=16", "num_workers=0",
-    "log_every=1", "save_every=1000", "sample.every=0", "sample.steps=4", "optim.warmup_steps=10", "optim.lr=1e-3",
+    "backbone=dit_xs",
+    "modality.size=16",
+    "modality.shapes_items=512",
+    "batch_size=16",
+    "num_workers=0",
+    "log_every=1",
+    "save_every=1000",
+    "sample.every=0",
+    "sample.steps=4",
+    "optim.warmup_steps=10",
+    "optim.lr=1e-3",
 ]
 
 

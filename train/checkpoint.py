@@ -32,9 +32,16 @@ def build_model(cfg, modality) -> DiT:
     """The DiT that `cfg` describes, shaped for `modality`."""
     b = cfg.backbone
     return DiT(
-        hidden_size=b.hidden_size, depth=b.depth, num_heads=b.num_heads, mlp_ratio=b.mlp_ratio,
-        pos=b.pos, qk_norm=b.qk_norm, cond_dropout=b.cond_dropout,
-        attn_backend=cfg.attention, grad_checkpointing=cfg.grad_checkpointing, **modality.backbone_kwargs(),
+        hidden_size=b.hidden_size,
+        depth=b.depth,
+        num_heads=b.num_heads,
+        mlp_ratio=b.mlp_ratio,
+        pos=b.pos,
+        qk_norm=b.qk_norm,
+        cond_dropout=b.cond_dropout,
+        attn_backend=cfg.attention,
+        grad_checkpointing=cfg.grad_checkpointing,
+        **modality.backbone_kwargs(),
     )
 
 
@@ -104,10 +111,13 @@ def load_weights(model: torch.nn.Module, path: Path):
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [
         f"{k}: file has {tuple(v.shape)}, config.yaml's architecture needs {tuple(expected[k].shape)}"
-        for k, v in state.items() if k in expected and v.shape != expected[k].shape
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
     ]
     if problems:
-        raise ValueError(f"{path} does not match the architecture in config.yaml beside it:\n  " + "\n  ".join(problems[:12]))
+        raise ValueError(
+            f"{path} does not match the architecture in config.yaml beside it:\n  " + "\n  ".join(problems[:12])
+        )
     model.load_state_dict(state)
 
 

@@ -49,7 +49,7 @@ class SampleConfig:
     every: int = 1000
     n: int = 16
     steps: int = 50
-    sampler: str = "dpmpp_2m"
+    sampler: str | None = None  # None: the process's default (its first in `samplers`)
     guidance: float = 2.0
 
 

@@ -10,9 +10,9 @@ def plot_losses(losses: list[tuple[int, float]], path: Path):
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-
     import csv
+
+    import matplotlib.pyplot as plt
 
     if (path.parent / "loss.csv").exists():  # the whole run, across resumes
         with open(path.parent / "loss.csv") as f:

@@ -56,8 +56,14 @@ class TrainState:
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)
 
     def state_dict(self):
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "bad_steps": self.bad_steps, "best_loss": self.best_loss, "generator": self.generator.get_state()}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "bad_steps": self.bad_steps,
+            "best_loss": self.best_loss,
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state):
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -95,8 +101,9 @@ def choose_run_dir(cfg) -> Path:
 def make_optimizer(cfg, model, device):
     o = cfg.optim
     fused = o.fused and device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                  fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None
+    )
 
     def lr_factor(step):  # linear warm-up, then constant or cosine to zero
         if step < o.warmup_steps:
@@ -110,14 +117,22 @@ def make_optimizer(cfg, model, device):
 
 
 def make_loader(cfg, dataset, accelerator) -> DataLoader:
-    per_process = cfg.batch_size // (accelerator.num_processes * cfg.grad_accum)
-    if per_process * accelerator.num_processes * cfg.grad_accum != cfg.batch_size or per_process < 1:
+    ways = accelerator.num_processes * cfg.grad_accum  # the global batch is split this many ways
+    per_process = cfg.batch_size // ways
+    if per_process * ways != cfg.batch_size or per_process < 1:
         raise ValueError(
             f"batch_size={cfg.batch_size} must be a multiple of processes ({accelerator.num_processes}) x "
-            f"grad_accum ({cfg.grad_accum}); e.g. batch_size={max(1, per_process) * accelerator.num_processes * cfg.grad_accum}"
+            f"grad_accum ({cfg.grad_accum}); e.g. batch_size={max(1, per_process) * ways}"
         )
-    return DataLoader(Tolerant(dataset), batch_size=per_process, shuffle=True, drop_last=True,
-                      num_workers=cfg.num_workers, collate_fn=collate, persistent_workers=False)
+    return DataLoader(
+        Tolerant(dataset),
+        batch_size=per_process,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+    )
 
 
 def draw_samples(cfg, modality, process, ema_model, device, path: Path, seed: int = 0) -> str:
@@ -125,9 +140,17 @@ def draw_samples(cfg, modality, process, ema_model, device, path: Path, seed: in
     s = cfg.sample
     generator = torch.Generator(device=device).manual_seed(seed)
     ema_model.eval()
-    x0 = process.sample(modality.model_fn(ema_model), modality.sample_shape(s.n), modality.sample_cond(s.n, device),
-                        steps=s.steps, sampler=s.sampler, guidance=s.guidance, generator=generator, device=device,
-                        **modality.sample_options())
+    x0 = process.sample(
+        modality.model_fn(ema_model),
+        modality.sample_shape(s.n),
+        modality.sample_cond(s.n, device),
+        steps=s.steps,
+        sampler=s.sampler or process.samplers[0],
+        guidance=s.guidance,
+        generator=generator,
+        device=device,
+        **modality.sample_options(),
+    )
     return modality.save(modality.decode(x0), path)
 
 
@@ -201,6 +224,8 @@ def train(cfg) -> TrainResult:
     model.train()
     while state.step < cfg.steps and stop["signal"] is None:
         loader.set_epoch(state.epoch)
+        if state.batch_in_epoch == 0:  # files found unusable while listing (wrong extension...) count too
+            tracker.add(0, loader.dataset.skipped, verbose=accelerator.is_main_process and state.epoch == 0)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for batch in batches:
             state.batch_in_epoch += 1
@@ -209,7 +234,9 @@ def train(cfg) -> TrainResult:
                 x0 = modality.encode(batch)
                 cond = modality.cond(batch)
                 if cond:  # condition dropout for guidance, drawn from the checkpointed generator
-                    cond["drop"] = torch.rand(x0.shape[0], generator=state.generator, device=device) < cfg.backbone.cond_dropout
+                    cond["drop"] = (
+                        torch.rand(x0.shape[0], generator=state.generator, device=device) < cfg.backbone.cond_dropout
+                    )
                 loss = process.loss(model_fn, x0, cond, generator=state.generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -222,8 +249,10 @@ def train(cfg) -> TrainResult:
                         state.bad_steps = 0
                     else:
                         state.bad_steps += 1
-                        accelerator.print(f"warning: non-finite loss or gradient at step {state.step}, step skipped "
-                                          f"({state.bad_steps} in a row)")
+                        accelerator.print(
+                            f"warning: non-finite loss or gradient at step {state.step}, step skipped "
+                            f"({state.bad_steps} in a row)"
+                        )
                         if state.bad_steps >= cfg.max_bad_steps:
                             raise FloatingPointError(
                                 f"{state.bad_steps} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}); "
@@ -247,8 +276,9 @@ def train(cfg) -> TrainResult:
                 if accelerator.is_main_process:  # appended as we go: a resumed run continues the file
                     with open(run_dir / "loss.csv", "a") as f:
                         f.write(f"{state.step},{mean_loss!r}\n")
-                accelerator.log({"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate},
-                                step=state.step)
+                accelerator.log(
+                    {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}, step=state.step
+                )
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.0f}")
                 window, t0, seen = [], time.perf_counter(), 0
             if accelerator.is_main_process and cfg.sample.every and state.step % cfg.sample.every == 0:
@@ -274,8 +304,10 @@ def train(cfg) -> TrainResult:
         if losses:
             plot_losses(losses, run_dir / "loss.png")
         why = "stopped by SIGTERM" if stop["signal"] is not None else "done"
-        print(f"{why} at step {state.step}: checkpoint {ckpt_root / 'last'}, samples {run_dir / 'samples'}, "
-              f"TensorBoard logs {run_dir / 'tb'}")
+        print(
+            f"{why} at step {state.step}: checkpoint {ckpt_root / 'last'}, samples {run_dir / 'samples'}, "
+            f"TensorBoard logs {run_dir / 'tb'}"
+        )
     return TrainResult(run_dir, state.step, losses, accelerator.unwrap_model(model), ema_model)
 
 
@@ -288,7 +320,9 @@ def flat_hparams(cfg) -> dict:
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
             else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+                text = value if isinstance(value, (int, float, str, bool)) else str(value)
+                if not (isinstance(text, str) and len(text) > 200):  # e.g. a serialised tokenizer
+                    flat[f"{prefix}{key}"] = text
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat

@@ -20,7 +20,9 @@ def test_key_mask_excludes_padding(backend):
     mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
     out = attention(q, k, v, backend=backend, mask=mask)
     # The padded keys of sample 0 must not matter: the same as attending to its first three keys only.
-    torch.testing.assert_close(out[:1], attention(q[:1], k[:1, :, :3], v[:1, :, :3], backend="math"), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        out[:1], attention(q[:1], k[:1, :, :3], v[:1, :, :3], backend="math"), atol=1e-5, rtol=1e-4
+    )
     torch.testing.assert_close(out, attention(q, k, v, backend="math", mask=mask), atol=1e-5, rtol=1e-4)
 
 

@@ -32,8 +32,12 @@ def test_positions_of_any_dimension(sizes):
     assert out.shape == (2, pos.shape[0], 6) and out.isfinite().all()
     # Rotary positions and attention are equivariant: permuting tokens with their positions permutes the output.
     perm = torch.randperm(pos.shape[0])
-    torch.testing.assert_close(model(x[:, perm], pos[perm], torch.full((2,), 0.5)), model(x, pos, torch.full((2,), 0.5))[:, perm],
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        model(x[:, perm], pos[perm], torch.full((2,), 0.5)),
+        model(x, pos, torch.full((2,), 0.5))[:, perm],
+        atol=1e-5,
+        rtol=1e-4,
+    )
     # ... and the positions matter.
     assert not torch.allclose(model(x, pos.flip(0), torch.full((2,), 0.5)), model(x, pos, torch.full((2,), 0.5)))
 
@@ -47,10 +51,18 @@ def test_adaln_zero_starts_at_zero():
 def test_drop_uses_the_null_condition():
     model = randomize(tiny(num_classes=3, cond_dim=5, context_dim=7)).eval()
     x, pos, t = torch.randn(2, 4, 6), grid(2, 2), torch.rand(2)
-    cond = dict(label=torch.tensor([0, 1]), cond=torch.randn(2, 5), context=torch.randn(2, 3, 7),
-                context_mask=torch.ones(2, 3, dtype=torch.bool))
-    other = dict(label=torch.tensor([2, 2]), cond=torch.randn(2, 5), context=torch.randn(2, 3, 7),
-                 context_mask=torch.ones(2, 3, dtype=torch.bool))
+    cond = dict(
+        label=torch.tensor([0, 1]),
+        cond=torch.randn(2, 5),
+        context=torch.randn(2, 3, 7),
+        context_mask=torch.ones(2, 3, dtype=torch.bool),
+    )
+    other = dict(
+        label=torch.tensor([2, 2]),
+        cond=torch.randn(2, 5),
+        context=torch.randn(2, 3, 7),
+        context_mask=torch.ones(2, 3, dtype=torch.bool),
+    )
     drop = torch.tensor([True, False])
     a, b = model(x, pos, t, **cond, drop=drop), model(x, pos, t, **other, drop=drop)
     torch.testing.assert_close(a[0], b[0])  # dropped: the condition no longer matters
@@ -79,7 +91,9 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_impossible_shapes_are_named():
-    with pytest.raises(ValueError, match=r"backbone.num_heads=5 does not divide backbone.hidden_size=64; try backbone.num_heads=4"):
+    with pytest.raises(
+        ValueError, match=r"backbone.num_heads=5 does not divide backbone.hidden_size=64; try backbone.num_heads=4"
+    ):
         check_shape(64, 5, "rope")
     with pytest.raises(ValueError, match="backbone.pos='alibi'"):
         check_shape(64, 4, "alibi")

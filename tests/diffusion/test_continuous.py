@@ -35,8 +35,9 @@ def exact_model(process):
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_samplers_recover_the_data_distribution(name, options, sampler):
     process = build_process(name, options)
-    x = process.sample(exact_model(process), (4000, 4), {}, steps=200, sampler=sampler,
-                       generator=torch.Generator().manual_seed(0))
+    x = process.sample(
+        exact_model(process), (4000, 4), {}, steps=200, sampler=sampler, generator=torch.Generator().manual_seed(0)
+    )
     assert x.isfinite().all()
     assert abs(x.mean().item() - MU) < 0.02
     assert abs(x.std().item() - SD) < 0.02
@@ -45,8 +46,9 @@ def test_samplers_recover_the_data_distribution(name, options, sampler):
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_sampling_is_deterministic_under_a_seed(sampler):
     process = build_process("gaussian", {})
-    run = lambda seed: process.sample(exact_model(process), (8, 4), {}, steps=6, sampler=sampler,
-                                      generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: process.sample(
+        exact_model(process), (8, 4), {}, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(seed)
+    )
     torch.testing.assert_close(run(3), run(3), rtol=0, atol=0)
     assert not torch.equal(run(3), run(4))
 
@@ -63,8 +65,14 @@ def test_exact_model_has_lower_loss_than_a_wrong_one():
 def test_callback_sees_the_x0_estimate_every_step():
     process = build_process("gaussian", {})
     seen = []
-    process.sample(exact_model(process), (16, 4), {}, steps=7, sampler="dpmpp_2m",
-                   callback=lambda i, x0: seen.append((i, x0.mean().item())))
+    process.sample(
+        exact_model(process),
+        (16, 4),
+        {},
+        steps=7,
+        sampler="dpmpp_2m",
+        callback=lambda i, x0: seen.append((i, x0.mean().item())),
+    )
     assert [i for i, _ in seen] == list(range(7))
     assert abs(seen[-1][1] - MU) < 0.2  # the last preview is close to the answer
 

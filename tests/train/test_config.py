@@ -2,10 +2,10 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import compose_cfg
 from modalities import MODALITIES, build_modality
 from train.config import CONFIG_DIR, validate
 
@@ -40,13 +40,16 @@ def test_wrong_type_fails_naming_the_key():
         compose_cfg(["steps=many"])
 
 
-@pytest.mark.parametrize("override,message", [
-    ("mixed_precision=fp8", r"mixed_precision='fp8' is not valid; choose one of \['no', 'bf16', 'fp16'\]"),
-    ("attention=flash9", "attention='flash9'"),
-    ("modality.process=ddx", "modality.process='ddx'"),
-    ("batch_size=0", "batch_size=0 must be at least 1"),
-    ("data.bad_threshold=2", "data.bad_threshold=2"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("mixed_precision=fp8", r"mixed_precision='fp8' is not valid; choose one of \['no', 'bf16', 'fp16'\]"),
+        ("attention=flash9", "attention='flash9'"),
+        ("modality.process=ddx", "modality.process='ddx'"),
+        ("batch_size=0", "batch_size=0 must be at least 1"),
+        ("data.bad_threshold=2", "data.bad_threshold=2"),
+    ],
+)
 def test_bad_values_fail_with_the_choices(override, message):
     with pytest.raises(ValueError, match=message):
         validate(compose_cfg([override]))
@@ -54,7 +57,9 @@ def test_bad_values_fail_with_the_choices(override, message):
 
 def test_patch_must_divide_the_image():
     cfg = compose_cfg(["modality.size=30", "backbone.patch=4"])
-    with pytest.raises(ValueError, match=r"backbone.patch=4 does not divide modality.size=30; use backbone.patch in \[1, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"backbone.patch=4 does not divide modality.size=30; use backbone.patch in \[1, 2\]"
+    ):
         build_modality(cfg.modality, cfg.backbone.patch).check(cfg.backbone)
 
 

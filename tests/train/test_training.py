@@ -47,8 +47,14 @@ def test_sampling_from_a_checkpoint_is_deterministic(tiny_cfg):
         from diffusion import build_process
 
         process = build_process(cfg.modality.process, cfg.modality.diffusion)
-        return process.sample(modality.model_fn(model), modality.sample_shape(4), modality.sample_cond(4, "cpu", label=1),
-                              steps=5, guidance=2.0, generator=torch.Generator().manual_seed(seed))
+        return process.sample(
+            modality.model_fn(model),
+            modality.sample_shape(4),
+            modality.sample_cond(4, "cpu", label=1),
+            steps=5,
+            guidance=2.0,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     assert torch.equal(draw(0), draw(0))
     assert not torch.equal(draw(0), draw(1))

@@ -1,0 +1,91 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbones.dit import DiT
+from diffusion import build_process
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_cpu_smoke_configuration_reports_one_json_line():
+    out = (
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "bench" / "throughput.py"),
+                "--preset",
+                "dit_xs",
+                "--tokens",
+                "64",
+                "--batch",
+                "4",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--grid",
+                "4x4x4",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
+    result = json.loads(out[-1])
+    assert result["mode"] == "train" and result["tokens"] == 64 and result["samples_per_s"] > 0
+    assert result["tokens_per_s"] == pytest.approx(64 * result["samples_per_s"], rel=0.01)
+
+
+def test_sample_mode_and_bad_grid():
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "throughput.py"),
+        "--preset",
+        "dit_xs",
+        "--tokens",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    result = json.loads(
+        subprocess.run(
+            [*cmd, "--sample", "--sample-steps", "3"], capture_output=True, text=True, check=True, timeout=120
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    assert result["mode"] == "sample" and result["sample_steps"] == 3
+    bad = subprocess.run([*cmd, "--grid", "3x3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "holds 9 tokens, not --tokens 16" in bad.stderr
+
+
+def test_compiled_and_eager_blocks_give_the_same_loss():
+    torch.manual_seed(0)
+    model = DiT(in_dim=8, out_dim=8, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pos = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
+    process = build_process("gaussian", {})
+    x0 = torch.randn(4, 16, 8)
+    cond = {"label": torch.tensor([0, 1, 2, 0]), "drop": torch.tensor([False, True, False, False])}
+    fn = lambda xt, t, c: model(xt, pos, t, **c)  # noqa: E731
+    eager = process.loss(fn, x0, cond, generator=torch.Generator().manual_seed(1))
+    model.compile_blocks()
+    try:
+        compiled = process.loss(fn, x0, cond, generator=torch.Generator().manual_seed(1))
+    except Exception as e:  # noqa: BLE001 - no C++ toolchain for inductor here
+        pytest.skip(f"torch.compile unavailable: {type(e).__name__}: {e}")
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
