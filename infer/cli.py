@@ -3,26 +3,46 @@ misspelt key fails naming the valid ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
 
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 
+def _is_text(schema, dotted: str) -> bool:
+    """True when the field at `dotted` is declared str (or str | None): its value is taken verbatim,
+    so prompt="ROMEO:" stays a string instead of being read as YAML (a mapping)."""
+    node = schema
+    for part in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return False
+        node = typing.get_type_hints(node)[part]
+    return node is str or node == (str | None)
+
+
 def parse(schema, argv: list[str] | None = None):
     """Merge `key=value` arguments into the structured config `schema` (a dataclass)."""
     argv = sys.argv[1:] if argv is None else argv
+    base = OmegaConf.structured(schema)
     bad = [a for a in argv if "=" not in a]
     if bad:
-        raise SystemExit(
-            f"arguments are key=value; got {bad}. Valid keys: {sorted(OmegaConf.structured(schema).keys())}"
-        )
-    base = OmegaConf.structured(schema)
+        raise SystemExit(f"arguments are key=value; got {bad}. Valid keys: {sorted(base.keys())}")
     try:
-        args = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+        args = base
+        for arg in argv:
+            key, value = arg.split("=", 1)
+            if _is_text(schema, key):
+                update = OmegaConf.create()
+                OmegaConf.update(update, key, value, force_add=True)
+            else:
+                update = OmegaConf.from_dotlist([arg])
+            args = OmegaConf.merge(args, update)
     except (ConfigKeyError, ValidationError) as e:
-        raise SystemExit(f"{e.msg if hasattr(e, 'msg') else e}\nValid keys: {sorted(base.keys())}") from None
+        raise SystemExit(f"{getattr(e, 'msg', e)}\nValid keys: {sorted(base.keys())}") from None
     missing = sorted(OmegaConf.missing_keys(args))
     if missing:
         raise SystemExit(f"missing required argument(s): {', '.join(f'{k}=...' for k in missing)}")

@@ -49,8 +49,10 @@ def sample(args) -> str:
     process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
     steps = args.steps or cfg.sample.steps
     sampler = args.sampler or cfg.sample.sampler or process.samplers[0]
-    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
     request = {k: args[k] for k in ("label", "prompt") if args[k] is not None}
+    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
+    if not modality.sample_cond(1, device, **request):
+        guidance = 1.0  # an unconditional model: there is nothing to guide towards
     options = {k: args[k] for k in ("eta", "block", "temperature", "top_k", "top_p") if args[k] is not None}
     options.update(modality.sample_options(**request))
     generator = torch.Generator(device=device).manual_seed(args.seed)
