@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch.utils.data import Dataset, default_collate
 
 
@@ -64,23 +63,22 @@ class BadDataTracker:
             self.reports.append(report)
             if verbose:
                 warnings.warn(f"skipped bad item {report}", stacklevel=2)
-        self.check()
 
-    def check(self, final: bool = False):
-        if self.seen and (final or self.seen >= self.min_seen) and self.bad / self.seen > self.threshold:
+    def check(self, seen: int | None = None, bad: int | None = None, final: bool = False):
+        """Raise when the bad share passes the threshold. `seen` and `bad` default to this process's
+        counts; with several processes pass the totals over all of them, so all stop together."""
+        seen, bad = (self.seen, self.bad) if seen is None else (seen, bad)
+        if seen and (final or seen >= self.min_seen) and bad / seen > self.threshold:
             listed = "\n  ".join(self.reports[:10])
             raise RuntimeError(
-                f"{self.bad} of {self.seen} items ({100 * self.bad / self.seen:.1f}%) could not be read, above "
+                f"{bad} of {seen} items ({100 * bad / seen:.1f}%) could not be read, above "
                 f"data.bad_threshold={self.threshold}; fix or remove them (first ones:\n  {listed})"
             )
 
-    def summary(self) -> str:
-        return f"{self.bad} bad of {self.seen} items" + (f" (first: {self.reports[0]})" if self.reports else "")
+    def summary(self, seen: int, bad: int) -> str:
+        """One line for the epoch's end, from the totals over all processes."""
+        return f"{bad} bad of {seen} items" + (f" (first here: {self.reports[0]})" if self.reports else "")
 
     def reset(self):
         self.seen = self.bad = 0
         self.reports = []
-
-
-def tensor_counts(n_good: int, n_bad: int, device) -> torch.Tensor:
-    return torch.tensor([n_good, n_bad], device=device)

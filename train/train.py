@@ -270,6 +270,7 @@ def train(cfg) -> TrainResult:
             bar.update(1)
 
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                tracker.check(*accelerator.reduce(torch.tensor([tracker.seen, tracker.bad], device=device)).tolist())
                 mean_loss = accelerator.reduce(torch.stack(window).nanmean(), "mean").item()
                 rate = seen * accelerator.num_processes / (time.perf_counter() - t0)
                 losses.append((state.step, mean_loss))
@@ -291,8 +292,9 @@ def train(cfg) -> TrainResult:
             if state.step >= cfg.steps or stop["signal"] is not None:
                 break
         else:  # the epoch ran out
-            tracker.check(final=True)
-            accelerator.print(f"epoch {state.epoch} done: {tracker.summary()}")
+            seen_all, bad_all = accelerator.reduce(torch.tensor([tracker.seen, tracker.bad], device=device)).tolist()
+            tracker.check(seen_all, bad_all, final=True)
+            accelerator.print(f"epoch {state.epoch} done: {tracker.summary(seen_all, bad_all)}")
             tracker.reset()
             state.epoch += 1
             state.batch_in_epoch = 0
