@@ -11,8 +11,9 @@ MODALITIES = {
 }
 
 
-def build_modality(cfg, patch: int):
-    """The Modality object for cfg.name (the `modality.name` key)."""
+def build_modality(cfg, patch: int, data=None):
+    """The Modality object for cfg.name (the `modality.name` key), reading the data that the run's
+    `data` config names (None: the modality's built-in data)."""
     if cfg.name not in MODALITIES:
         raise ValueError(f"modality.name={cfg.name!r} is not a modality; choose one of {sorted(MODALITIES)}")
-    return MODALITIES[cfg.name](cfg, patch)
+    return MODALITIES[cfg.name](cfg, patch, data)

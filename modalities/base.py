@@ -35,8 +35,12 @@ class Modality:
 
     Config = ModalityConfig
 
-    def __init__(self, cfg, patch: int):
+    def __init__(self, cfg, patch: int, data=None):
+        # data: the run's `data` config; its path (None: the modality's built-in data) and the
+        # share of unreadable files tolerated while listing them
         self.cfg, self.patch = cfg, patch
+        self.data_path = data.path if data is not None else None
+        self.bad_threshold = data.bad_threshold if data is not None else 0.01
 
     # --- data ---------------------------------------------------------------------------
     def dataset(self, split: str):

@@ -19,8 +19,7 @@ class ImageConfig(ModalityConfig):
     name: str = "image"
     process: str = "gaussian"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    dataset: str = "shapes"  # shapes (built in) | mnist (idx files in path) | folder (path)
-    path: str | None = None
+    dataset: str = "shapes"  # shapes (built in) | mnist (idx files in data.path) | folder (data.path)
     size: int = 32  # images are centre-cropped and resized to size x size
     channels: int | None = None  # None: 1 for mnist, 3 otherwise
     conditional: bool = True  # train and sample with class labels (classifier-free guidance)
@@ -32,12 +31,12 @@ class Image(Modality):
     Config = ImageConfig
     DATASETS = ("shapes", "mnist", "folder")
 
-    def __init__(self, cfg, patch: int):
-        super().__init__(cfg, patch)
+    def __init__(self, cfg, patch: int, data=None):
+        super().__init__(cfg, patch, data)
         if cfg.dataset not in self.DATASETS:
             raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {self.DATASETS}")
-        if cfg.dataset != "shapes" and not cfg.path:
-            raise ValueError(f"modality.dataset={cfg.dataset} needs modality.path=<folder>")
+        if cfg.dataset != "shapes" and not self.data_path:
+            raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
         self.channels = cfg.channels or (1 if cfg.dataset == "mnist" else 3)
         self.grid = (cfg.size // patch, cfg.size // patch)
 
@@ -61,8 +60,8 @@ class Image(Modality):
             n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
             return Shapes(n, cfg.size, self.channels, seed=0 if split == "train" else 1)
         if cfg.dataset == "mnist":
-            return MNIST(cfg.path, split, cfg.size, self.channels)
-        root = Path(cfg.path)
+            return MNIST(self.data_path, split, cfg.size, self.channels)
+        root = Path(self.data_path)
         return ImageFolder(root / split if (root / split).is_dir() else root, cfg.size, self.channels)
 
     def resolve(self, train_set) -> dict:

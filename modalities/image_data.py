@@ -129,7 +129,7 @@ class MNIST(Dataset):
             candidates = [root / f"{prefix}-{kind}.gz", root / f"{prefix}-{kind}"]
             path = next((p for p in candidates if p.exists()), None)
             if path is None:
-                raise FileNotFoundError(f"MNIST file {candidates[0]} not found (set modality.path to the folder)")
+                raise FileNotFoundError(f"MNIST file {candidates[0]} not found (set data.path to the folder)")
             found[kind] = read_idx(path)
         self.images, self.labels = found["images-idx3-ubyte"], found["labels-idx1-ubyte"]
         if len(self.images) != len(self.labels):
@@ -157,7 +157,7 @@ class ImageFolder(Dataset):
     def __init__(self, root: str, size: int, channels: int = 3):
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist (modality.path)")
+            raise FileNotFoundError(f"image folder {root} does not exist (data.path)")
         self.size, self.channels = size, channels
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         self.classes = tuple(p.name for p in subdirs) or ("all",)

@@ -133,7 +133,7 @@ def get_classifier(modality, device, epochs: int = 1):
         "dataset": cfg.dataset,
         "size": cfg.size,
         "channels": modality.channels,
-        "path": cfg.path and str(Path(cfg.path).resolve()),
+        "path": modality.data_path and str(Path(modality.data_path).resolve()),
         "items": [len(train_set), len(test_set)],
         "classes": list(train_set.classes),
     }

@@ -194,12 +194,12 @@ def read_corpus(path: str | None, max_bad: float = 0.01) -> tuple[list[str], lis
         return builtin_corpus(), []
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"modality.path={path}: no such file or folder")
+        raise FileNotFoundError(f"data.path={path}: no such file or folder")
     if root.is_file():
         return (read_jsonl(root) if root.suffix == ".jsonl" else [read_text(root)]), []
     files = sorted(root.rglob("*.txt"))
     if not files:
-        raise ValueError(f"modality.path={path}: no *.txt files in this folder")
+        raise ValueError(f"data.path={path}: no *.txt files in this folder")
     texts, skipped = [], []
     for file in files:
         try:
@@ -210,7 +210,7 @@ def read_corpus(path: str | None, max_bad: float = 0.01) -> tuple[list[str], lis
         listed = "\n  ".join(skipped[:20])
         raise ValueError(
             f"{len(skipped)} of {len(files)} text files in {path} cannot be read "
-            f"(more than {max_bad:.0%}); fix or remove them:\n  {listed}"
+            f"(more than data.bad_threshold={max_bad}); fix or remove them:\n  {listed}"
         )
     for report in skipped:
         warnings.warn(f"skipped unreadable text file {report}", stacklevel=2)

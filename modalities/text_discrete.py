@@ -32,7 +32,6 @@ class TextDiscreteConfig(ModalityConfig):
     process: str = "masked"  # masked | uniform | autoregressive
     diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(schedule="loglinear"))
     tokenizer: str = "char"  # char | byte | bpe (trained on the corpus) | <pretrained tokenizer folder>
-    path: str | None = None  # text file, folder of *.txt, or .jsonl with "text"; None: built-in corpus
     seq_len: int = 128  # tokens per training sequence and per sample
     bpe_vocab: int = 2048  # tokenizer=bpe: vocabulary size to learn
     vocab: int | None = None  # filled from the tokenizer at the start of training
@@ -42,8 +41,8 @@ class TextDiscreteConfig(ModalityConfig):
 class TextDiscrete(Modality):
     Config = TextDiscreteConfig
 
-    def __init__(self, cfg, patch: int):
-        super().__init__(cfg, patch)
+    def __init__(self, cfg, patch: int, data=None):
+        super().__init__(cfg, patch, data)
         token_processes = sorted(name for name, cls in PROCESSES.items() if issubclass(cls, TokenProcess))
         if cfg.process not in token_processes:
             raise ValueError(
@@ -67,7 +66,7 @@ class TextDiscrete(Modality):
         """Consecutive seq_len-token sequences of the corpus's first 90% ("train") or last 10%.
         A char or BPE tokenizer is learnt here from the whole corpus (as nanoGPT's char level) when
         the config does not hold one yet."""
-        texts, skipped = read_corpus(self.cfg.path)
+        texts, skipped = read_corpus(self.data_path, self.bad_threshold)
         if self.tokenizer is None:
             self.tokenizer = train_tokenizer(self.cfg.tokenizer, texts, self.cfg.bpe_vocab)
         ids = self.tokenizer.encode(SEPARATOR.join(texts))

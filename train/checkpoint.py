@@ -127,7 +127,7 @@ def load_model(ckpt, device="cpu"):
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
     cfg = load_run_config(ckpt / "config.yaml")
-    modality = build_modality(cfg.modality, cfg.backbone.patch)
+    modality = build_modality(cfg.modality, cfg.backbone.patch, cfg.data)
     model = build_model(cfg, modality)
     load_weights(model, ckpt / "model.safetensors")
     model.set_attention_backend(cfg.attention if cfg.attention != "xformers" else "auto", torch.device(device).type)

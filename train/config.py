@@ -10,6 +10,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from modalities import MODALITIES
 
@@ -41,6 +42,7 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
+    path: str | None = None  # the training data (file or folder, per modality); None: the built-in data
     bad_threshold: float = 0.01
 
 
@@ -127,4 +129,14 @@ def load_run_config(path) -> DictConfig:
     schema.modality = OmegaConf.structured(MODALITIES[name].Config)
     schema.backbone = OmegaConf.structured(BackboneConfig)
     schema.optim = OmegaConf.structured(OptimConfig)
-    return OmegaConf.merge(schema, saved)
+    if OmegaConf.select(saved, "modality.path") is not None:  # runs before data.path existed (2026-11-23)
+        saved.data = {**saved.get("data", {}), "path": saved.modality.path}
+    if "path" in saved.get("modality", {}):
+        del saved.modality["path"]
+    try:
+        return OmegaConf.merge(schema, saved)
+    except (ConfigKeyError, ValidationError) as e:
+        raise ValueError(
+            f"{path} does not fit this polydiff's config schema ({e.full_key}: {e.msg}); "
+            "was it written by another version?"
+        ) from e

@@ -167,7 +167,7 @@ def train(cfg) -> TrainResult:
     """Run (or resume) the training that `cfg` describes."""
     validate(cfg)
     check_shape(cfg.backbone.hidden_size, cfg.backbone.num_heads, cfg.backbone.pos)
-    modality = build_modality(cfg.modality, cfg.backbone.patch)
+    modality = build_modality(cfg.modality, cfg.backbone.patch, cfg.data)
     modality.check(cfg.backbone)
 
     run_dir = choose_run_dir(cfg)
@@ -181,7 +181,7 @@ def train(cfg) -> TrainResult:
     OmegaConf.set_struct(cfg, False)  # record what the data taught us (classes, vocabulary) in the config
     cfg.modality = OmegaConf.merge(cfg.modality, modality.resolve(train_set))
     OmegaConf.set_struct(cfg, True)
-    modality = build_modality(cfg.modality, cfg.backbone.patch)
+    modality = build_modality(cfg.modality, cfg.backbone.patch, cfg.data)
 
     model = build_model(cfg, modality).to(device)
     model.set_attention_backend(cfg.attention, device.type)

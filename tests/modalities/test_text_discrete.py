@@ -35,12 +35,12 @@ def fixed_logits_model(logits):
 def text_modality(tmp_path, process="masked", seq_len=32, schedule="loglinear", **keys):
     path = tmp_path / "corpus.txt"
     path.write_text(CORPUS * 40)
-    cfg = OmegaConf.structured(TextDiscreteConfig(process=process, path=str(path), seq_len=seq_len, **keys))
+    cfg = OmegaConf.structured(TextDiscreteConfig(process=process, seq_len=seq_len, **keys))
     cfg.diffusion.schedule = schedule
-    modality = TextDiscrete(cfg, patch=1)
+    modality = TextDiscrete(cfg, patch=1, data=OmegaConf.create({"path": str(path), "bad_threshold": 0.01}))
     train_set = modality.dataset("train")
     cfg = OmegaConf.merge(cfg, modality.resolve(train_set))
-    return TextDiscrete(cfg, patch=1), train_set
+    return TextDiscrete(cfg, patch=1, data=OmegaConf.create({"path": str(path), "bad_threshold": 0.01})), train_set
 
 
 def tiny_dit(modality, seed=0):
@@ -338,6 +338,20 @@ def test_unreadable_text_files_are_named(tmp_path, content, reason):
     with pytest.warns(UserWarning, match="bad.txt"):  # under 1% bad: skipped and reported
         texts, skipped = read_corpus(str(tmp_path))
     assert len(texts) == 151 and len(skipped) == 1 and str(bad) in skipped[0]
+
+
+def test_the_runs_bad_threshold_governs_the_text_folder(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    for i in range(3):
+        (tmp_path / f"good_{i}.txt").write_text(CORPUS * 10)
+    cfg = OmegaConf.structured(TextDiscreteConfig(seq_len=16))
+    strict = TextDiscrete(cfg, patch=1, data=OmegaConf.create({"path": str(tmp_path), "bad_threshold": 0.01}))
+    with pytest.raises(ValueError, match=r"data.bad_threshold=0.01"):
+        strict.dataset("train")
+    lenient = TextDiscrete(cfg, patch=1, data=OmegaConf.create({"path": str(tmp_path), "bad_threshold": 0.5}))
+    with pytest.warns(UserWarning, match="bad.txt"):
+        chunks = lenient.dataset("train")
+    assert len(chunks) > 0 and len(chunks.skipped) == 1
 
 
 def test_jsonl_corpus_and_its_errors(tmp_path):

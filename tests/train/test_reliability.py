@@ -121,6 +121,13 @@ def test_truncated_or_mismatched_checkpoints_are_named(tiny_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_model(tmp_path / "nowhere")
 
+    alien = tmp_path / "alien"
+    shutil.copytree(good, alien)
+    text = (alien / "config.yaml").read_text().replace("hidden_size: 64", "hidden_size: 64\n  width_mult: 2")
+    (alien / "config.yaml").write_text(text)
+    with pytest.raises(ValueError, match=r"alien/config.yaml does not fit .*backbone.width_mult"):
+        load_model(alien)
+
 
 def make_folder(root: Path, n_good: int, bad: dict):
     for label in ("cats", "dogs"):
@@ -143,7 +150,7 @@ def test_bad_files_are_reported_skipped_and_counted(tiny_cfg, tmp_path, capsys):
     make_folder(tmp_path / "imgs", 400, bad)
     cfg = tiny_cfg(
         "modality.dataset=folder",
-        f"modality.path={tmp_path / 'imgs'}",
+        f"data.path={tmp_path / 'imgs'}",
         "steps=30",
         "batch_size=16",
         "data.bad_threshold=0.05",
@@ -157,7 +164,7 @@ def test_bad_files_are_reported_skipped_and_counted(tiny_cfg, tmp_path, capsys):
 
 def test_too_many_bad_files_stop_the_run(tiny_cfg, tmp_path):
     make_folder(tmp_path / "imgs", 100, {f"bad{i}.png": b"junk" for i in range(10)})
-    cfg = tiny_cfg("modality.dataset=folder", f"modality.path={tmp_path / 'imgs'}", "steps=30", "batch_size=16")
+    cfg = tiny_cfg("modality.dataset=folder", f"data.path={tmp_path / 'imgs'}", "steps=30", "batch_size=16")
     with (
         pytest.raises(
             RuntimeError,
@@ -170,7 +177,7 @@ def test_too_many_bad_files_stop_the_run(tiny_cfg, tmp_path):
 
 def test_missing_data_path_is_named(tiny_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
-        trainer.train(tiny_cfg("modality.dataset=folder", f"modality.path={tmp_path / 'nope'}"))
+        trainer.train(tiny_cfg("modality.dataset=folder", f"data.path={tmp_path / 'nope'}"))
 
 
 def _two_process_run(out_dir):
