@@ -80,6 +80,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 2
     max_bad_steps: int = 20
+    max_minutes: float | None = None  # stop with a checkpoint after this much wall-clock time (this invocation)
     deterministic: bool = False
 
 
@@ -112,6 +113,8 @@ def validate(cfg: DictConfig):
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
     if not 0 <= cfg.data.bad_threshold < 1:
         raise ValueError(f"data.bad_threshold={cfg.data.bad_threshold} must be in [0, 1)")
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise ValueError(f"max_minutes={cfg.max_minutes} must be positive (or null for no limit)")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
 

@@ -213,7 +213,8 @@ def train(cfg) -> TrainResult:
         accelerator.init_trackers("tb", config=flat_hparams(cfg))
 
     # SIGTERM (what schedulers send before pre-emption) asks for a checkpoint and a clean exit.
-    stop = {"signal": None}
+    # max_minutes does the same when the wall-clock budget is spent. Processes agree on stopping.
+    stop = {"signal": None, "now": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
     model_fn = modality.model_fn(model)
@@ -221,8 +222,9 @@ def train(cfg) -> TrainResult:
     losses, window = [], []
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not accelerator.is_main_process, desc=run_dir.name)
     t0, seen = time.perf_counter(), 0
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     model.train()
-    while state.step < cfg.steps and stop["signal"] is None:
+    while state.step < cfg.steps and not stop["now"]:
         loader.set_epoch(state.epoch)
         if state.batch_in_epoch == 0:  # files found unusable while listing (wrong extension...) count too
             tracker.add(0, loader.dataset.skipped, verbose=accelerator.is_main_process and state.epoch == 0)
@@ -268,6 +270,7 @@ def train(cfg) -> TrainResult:
             update_ema(ema_model, accelerator.unwrap_model(model), cfg.ema_decay, state.step)
             state.step += 1
             bar.update(1)
+            stop["now"] = should_stop(accelerator, stop["signal"] is not None or time.monotonic() > deadline)
 
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 tracker.check(*accelerator.reduce(torch.tensor([tracker.seen, tracker.bad], device=device)).tolist())
@@ -284,12 +287,12 @@ def train(cfg) -> TrainResult:
                 window, t0, seen = [], time.perf_counter(), 0
             if accelerator.is_main_process and cfg.sample.every and state.step % cfg.sample.every == 0:
                 draw_samples(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["signal"] is not None:
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["now"]:
                 is_best = bool(losses) and losses[-1][1] < state.best_loss
                 if is_best:
                     state.best_loss = losses[-1][1]
                 save_checkpoint(accelerator, ckpt_root, state.step, cfg, ema_model, cfg.keep_last, is_best)
-            if state.step >= cfg.steps or stop["signal"] is not None:
+            if state.step >= cfg.steps or stop["now"]:
                 break
         else:  # the epoch ran out
             seen_all, bad_all = accelerator.reduce(torch.tensor([tracker.seen, tracker.bad], device=device)).tolist()
@@ -305,12 +308,25 @@ def train(cfg) -> TrainResult:
     if accelerator.is_main_process:
         if losses:
             plot_losses(losses, run_dir / "loss.png")
-        why = "stopped by SIGTERM" if stop["signal"] is not None else "done"
+        why = "done"
+        if stop["now"] and time.monotonic() > deadline:
+            why = f"stopped: max_minutes={cfg.max_minutes} spent"
+        elif stop["now"]:
+            why = "stopped by SIGTERM" + ("" if stop["signal"] is not None else " (sent to another process)")
         print(
             f"{why} at step {state.step}: checkpoint {ckpt_root / 'last'}, samples {run_dir / 'samples'}, "
             f"TensorBoard logs {run_dir / 'tb'}"
         )
     return TrainResult(run_dir, state.step, losses, accelerator.unwrap_model(model), ema_model)
+
+
+def should_stop(accelerator, local: bool) -> bool:
+    """True on every process when any process wants to stop (a SIGTERM may reach only one, and
+    clocks differ): all must leave the loop at the same step or the next collective hangs."""
+    if accelerator.num_processes == 1:
+        return local
+    flag = torch.tensor([float(local)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
 
 
 def flat_hparams(cfg) -> dict:

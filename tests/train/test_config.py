@@ -48,6 +48,7 @@ def test_wrong_type_fails_naming_the_key():
         ("modality.process=ddx", "modality.process='ddx'"),
         ("batch_size=0", "batch_size=0 must be at least 1"),
         ("data.bad_threshold=2", "data.bad_threshold=2"),
+        ("max_minutes=0", r"max_minutes=0(\.0)? must be positive"),
     ],
 )
 def test_bad_values_fail_with_the_choices(override, message):

@@ -70,6 +70,15 @@ def test_sigterm_writes_a_final_checkpoint(tmp_path):
     assert (last / "model.safetensors").exists() and (last / "state").is_dir()
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tiny_cfg, capsys):
+    result = trainer.train(tiny_cfg("steps=1000", "max_minutes=1e-6", "save_every=500"))
+    assert result.step == 1  # the budget is checked after every optimizer step
+    assert "stopped: max_minutes=1e-06 spent at step 1" in capsys.readouterr().out
+    last = (result.run_dir / "checkpoints" / "last").resolve()
+    assert last.name == "step_00000001" and (last / "state").is_dir()
+    assert trainer.train(tiny_cfg("steps=3", "resume=auto")).step == 3
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("steps=4", "save_every=2")
     real_save_file = checkpoint.save_file
