@@ -89,13 +89,23 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, groups=None):
+        """groups: None (every token sees every token), or ("within", F) / ("across", F) for a
+        row-major grid whose first axis has F slices: attend within one slice (one frame), or
+        across slices at one position of the other axes (one pixel through time)."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
+        if rope is not None:  # positions are rotated in the full grid, before any regrouping
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, backend=self.backend, causal=self.causal)  # (B, H, N, Dh)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        if groups is None:
+            out = attention(q, k, v, backend=self.backend, causal=self.causal)  # (B, H, N, Dh)
+            return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        kind, f = groups
+        pattern = "b h (f s) d -> (b f) h s d" if kind == "within" else "b h (f s) d -> (b s) h f d"
+        q, k, v = (rearrange(z, pattern, f=f) for z in (q, k, v))
+        out = attention(q, k, v, backend=self.backend, causal=self.causal)
+        back = "(b f) h s d -> b (f s) (h d)" if kind == "within" else "(b s) h f d -> b (f s) (h d)"
+        return self.proj(rearrange(out, back, b=x.shape[0]))
 
 
 class CrossAttention(nn.Module):
@@ -136,9 +146,9 @@ class DiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c, rope=None, context=None, context_mask=None):
+    def forward(self, x, c, rope=None, context=None, context_mask=None, groups=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)  # (B, N, D)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, groups)  # (B, N, D)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context, context_mask)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -173,6 +183,11 @@ class DiT(nn.Module):
         qk_norm: RMS-normalise queries and keys per head (stabilises bf16 training).
         causal: causal self-attention (the autoregressive baseline).
         attn_backend: see backbones/attention.py.
+        layout: "full" (every token attends to every token) or "factorized" (Latte-style
+            interleaving for grids of 2+ axes, e.g. video (t, h, w): even blocks attend within a
+            slice of the first axis (a frame), odd blocks across the first axis (through time) at
+            fixed other coordinates). Attention cost falls from N^2 to N (S + F) for F slices of S
+            tokens. Tokens must be the row-major grid that ``positions`` lists.
         grad_checkpointing: recompute block activations in backward to save memory.
     """
 
@@ -193,10 +208,16 @@ class DiT(nn.Module):
         qk_norm: bool = True,
         causal: bool = False,
         attn_backend: str = "auto",
+        layout: str = "full",
         grad_checkpointing: bool = False,
     ):
         super().__init__()
         check_shape(hidden_size, num_heads, pos)
+        if layout not in LAYOUTS:
+            raise ValueError(f"backbone.layout={layout!r}: choose one of {LAYOUTS}")
+        if layout == "factorized" and causal:
+            raise ValueError("backbone.layout=factorized cannot be causal (the autoregressive baseline is 1-D)")
+        self.layout = layout
         if bool(in_dim) == bool(in_vocab):
             raise ValueError("DiT needs exactly one of in_dim (token vectors) or in_vocab (token ids)")
         self.hidden_size, self.num_heads, self.pos = hidden_size, num_heads, pos
@@ -300,12 +321,29 @@ class DiT(nn.Module):
                 first = torch.zeros_like(context_mask)
                 first[:, 0] = True
                 context_mask = torch.where(dropped[:, None], first, context_mask)
-        for block in self.blocks:
+        slices = first_axis_slices(positions) if self.layout == "factorized" else None
+        for i, block in enumerate(self.blocks):
+            groups = None if slices is None else ("within" if i % 2 == 0 else "across", slices)
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, c, rope, context, context_mask, use_reentrant=False)
+                x = checkpoint(block, x, c, rope, context, context_mask, groups, use_reentrant=False)
             else:
-                x = block(x, c, rope, context, context_mask)  # (B, N, D)
+                x = block(x, c, rope, context, context_mask, groups)  # (B, N, D)
         return self.final_layer(x, c)  # (B, N, out_dim)
+
+
+LAYOUTS = ("full", "factorized")
+
+
+def first_axis_slices(positions: torch.Tensor) -> int:
+    """How many slices the first grid axis has, for the factorized layout. positions must be a full
+    row-major grid (as torch.meshgrid(..., indexing="ij") lists it); one small host read."""
+    n, axes = positions.shape
+    if axes < 2:
+        raise ValueError("backbone.layout=factorized needs a grid of 2 or more axes (video: t, h, w); use full")
+    sizes = (positions.amax(dim=0) + 1).tolist()
+    if math.prod(sizes) != n:
+        raise ValueError(f"backbone.layout=factorized needs the full grid {sizes} of tokens, got {n} tokens")
+    return int(sizes[0])
 
 
 def check_shape(hidden_size: int, num_heads: int, pos: str):
@@ -326,6 +364,7 @@ def check_shape(hidden_size: int, num_heads: int, pos: str):
         )
 
 
-def num_flops_per_token(hidden_size: int, depth: int, n_tokens: int) -> float:
-    """Training FLOPs per token: 6 x (12 d^2 + 2 N d) x depth (forward and backward)."""
+def num_flops_per_token(hidden_size: int, depth: int, n_tokens: float) -> float:
+    """Training FLOPs per token: 6 x (12 d^2 + 2 N d) x depth (forward and backward), N the keys each
+    query attends to (all tokens for the full layout)."""
     return 6 * (12 * hidden_size**2 + 2 * n_tokens * hidden_size) * depth

@@ -34,6 +34,7 @@ class Modality:
     """
 
     Config = ModalityConfig
+    grid_axes = 1  # axes of the token grid: 1 for sequences, 2 for images and spectrograms, 3 for video
 
     def __init__(self, cfg, patch: int, data=None):
         # data: the run's `data` config; its path (None: the modality's built-in data) and the

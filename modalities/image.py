@@ -29,6 +29,7 @@ class ImageConfig(ModalityConfig):
 
 class Image(Modality):
     Config = ImageConfig
+    grid_axes = 2
     DATASETS = ("shapes", "mnist", "folder")
 
     def __init__(self, cfg, patch: int, data=None):

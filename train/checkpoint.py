@@ -40,6 +40,7 @@ def build_model(cfg, modality) -> DiT:
         qk_norm=b.qk_norm,
         cond_dropout=b.cond_dropout,
         attn_backend=cfg.attention,
+        layout=b.layout,
         grad_checkpointing=cfg.grad_checkpointing,
         **modality.backbone_kwargs(),
     )

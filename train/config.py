@@ -28,6 +28,7 @@ class BackboneConfig:
     pos: str = "rope"  # rope | sincos
     qk_norm: bool = True
     cond_dropout: float = 0.1
+    layout: str = "full"  # full | factorized (alternate within-frame and across-frame attention)
 
 
 @dataclass
@@ -101,6 +102,7 @@ def _choice(key: str, value, choices):
 def validate(cfg: DictConfig):
     """Check values with a fixed set of choices and the numbers that must be positive."""
     from backbones.attention import BACKENDS
+    from backbones.dit import LAYOUTS
     from diffusion import PROCESSES
 
     _choice("mixed_precision", cfg.mixed_precision, ("no", "bf16", "fp16"))
@@ -108,6 +110,12 @@ def validate(cfg: DictConfig):
     _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine"))
     _choice("modality.name", cfg.modality.name, MODALITIES)
     _choice("modality.process", cfg.modality.process, PROCESSES)
+    _choice("backbone.layout", cfg.backbone.layout, LAYOUTS)
+    if cfg.backbone.layout == "factorized" and MODALITIES[cfg.modality.name].grid_axes < 2:
+        raise ValueError(
+            f"backbone.layout=factorized splits the first grid axis from the others, and modality "
+            f"{cfg.modality.name} has a 1-D grid; use backbone.layout=full"
+        )
     for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "sample.n", "sample.steps"):
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")

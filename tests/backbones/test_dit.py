@@ -97,3 +97,51 @@ def test_impossible_shapes_are_named():
         check_shape(64, 5, "rope")
     with pytest.raises(ValueError, match="backbone.pos='alibi'"):
         check_shape(64, 4, "alibi")
+
+
+def test_factorized_attention_equals_masked_full_attention():
+    """Within a frame, or across frames at one pixel: the same as full attention with a mask that
+    allows exactly those pairs (the reference written with an explicit (N, N) mask)."""
+    from backbones.dit import SelfAttention, apply_rope, grid_angles
+
+    torch.manual_seed(0)
+    attn = SelfAttention(32, num_heads=2, qk_norm=True, causal=False).eval()
+    attn.backend = "math"
+    pos = grid(3, 2, 4)  # 3 frames of 2 x 4 tokens
+    x = torch.randn(2, 24, 32)
+    angles = grid_angles(pos, 16)
+    rope = (angles.cos(), angles.sin())
+    frame, pixel = pos[:, 0], pos[:, 1] * 4 + pos[:, 2]
+    for kind, allowed in (("within", frame[:, None] == frame[None]), ("across", pixel[:, None] == pixel[None])):
+        q, k, v = attn.qkv(x).reshape(2, 24, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        ref = attn.proj(ref.transpose(1, 2).reshape(2, 24, 32))
+        torch.testing.assert_close(attn(x, rope, (kind, 3)), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_factorized_layout_keeps_a_frame_to_itself_until_a_temporal_block():
+    pos = grid(3, 2, 2)  # frames of 4 tokens; token 1 is in frame 0
+    x = torch.randn(1, 12, 6)
+    changed = x.clone()
+    changed[0, 1] += 1.0
+    one = randomize(tiny(depth=1, layout="factorized")).eval()  # a single within-frame block
+    moved = (one(changed, pos, torch.zeros(1)) - one(x, pos, torch.zeros(1))).abs().amax(-1)[0]
+    assert moved[:4].min() > 0 and moved[4:].max() == 0  # frame 0 changes, frames 1 and 2 do not
+    full = randomize(tiny(depth=1)).eval()
+    assert (full(changed, pos, torch.zeros(1)) - full(x, pos, torch.zeros(1))).abs().amax(-1)[0, 4:].min() > 0
+    two = randomize(tiny(depth=2, layout="factorized")).eval()  # then across frames: it reaches everything
+    assert (two(changed, pos, torch.zeros(1)) - two(x, pos, torch.zeros(1))).abs().amax(-1)[0].min() > 0
+
+
+def test_factorized_layout_rejects_what_it_cannot_split():
+    with pytest.raises(ValueError, match="backbone.layout='diagonal'"):
+        tiny(layout="diagonal")
+    with pytest.raises(ValueError, match="cannot be causal"):
+        tiny(layout="factorized", causal=True)
+    model = tiny(layout="factorized")
+    with pytest.raises(ValueError, match="needs a grid of 2 or more axes"):
+        model(torch.randn(1, 8, 6), grid(8), torch.zeros(1))
+    with pytest.raises(ValueError, match=r"needs the full grid \[2, 4\] of tokens, got 6"):
+        model(torch.randn(1, 6, 6), grid(2, 4)[:6], torch.zeros(1))

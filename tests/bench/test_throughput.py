@@ -89,3 +89,39 @@ def test_compiled_and_eager_blocks_give_the_same_loss():
     except Exception as e:  # noqa: BLE001 - no C++ toolchain for inductor here
         pytest.skip(f"torch.compile unavailable: {type(e).__name__}: {e}")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "bench" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("limit,cap", [(0, 64), (1, 64), (37, 64), (64, 64), (500, 64), (100, 100), (6, 7)])
+def test_longest_clip_search_finds_the_limit_in_few_tries(limit, cap):
+    tries = []
+
+    def fits(n):
+        tries.append(n)
+        return n <= limit
+
+    assert load_bench().largest_fitting(fits, cap) == min(limit, cap)
+    assert len(tries) <= 2 * cap.bit_length() + 1
+
+
+def test_longest_clip_mode_runs_on_cpu_up_to_its_cap():
+    result = load_bench().main(
+        ["--preset", "dit_xs", "--longest-clip", "2x2", "--layout", "factorized", "--batch", "1", "--max-frames", "3"]
+    )
+    assert result["mode"] == "longest_clip" and result["max_frames"] == 3 and result["max_tokens"] == 12
+    assert result["hit_max_frames"]
+
+
+def test_factorized_flops_count_the_keys_each_query_sees():
+    bench = load_bench()
+    args = bench.parse_args(["--tokens", "4096", "--grid", "16x16x16", "--layout", "factorized"])
+    assert bench.attended_tokens(args) == (256 + 16) / 2
+    assert bench.attended_tokens(bench.parse_args(["--tokens", "4096"])) == 4096

@@ -49,11 +49,19 @@ def test_wrong_type_fails_naming_the_key():
         ("batch_size=0", "batch_size=0 must be at least 1"),
         ("data.bad_threshold=2", "data.bad_threshold=2"),
         ("max_minutes=0", r"max_minutes=0(\.0)? must be positive"),
+        (
+            "backbone.layout=diagonal",
+            r"backbone.layout='diagonal' is not valid; choose one of \['full', 'factorized'\]",
+        ),
+        (
+            "modality=text_discrete backbone.layout=factorized",
+            "modality text_discrete has a 1-D grid; use backbone.layout=full",
+        ),
     ],
 )
 def test_bad_values_fail_with_the_choices(override, message):
     with pytest.raises(ValueError, match=message):
-        validate(compose_cfg([override]))
+        validate(compose_cfg(override.split()))
 
 
 def test_patch_must_divide_the_image():
