@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="dit_xl", help="a configs/backbone/*.yaml name")
     p.add_argument("--tokens", type=int, default=256, help="tokens per sample")
     p.add_argument("--grid", default=None, help="token grid, e.g. 16x16 or 16x16x16 (default: square)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="default: 64, or 1 with --longest-clip")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     p.add_argument("--compile-mode", default=None, help="e.g. max-autotune (sampling)")
@@ -59,7 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps (sampling: timed batches)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = 1 if args.longest_clip else 64
+    return args
 
 
 def grid_positions(tokens: int, grid: str | None, device) -> torch.Tensor:
