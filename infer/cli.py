@@ -53,3 +53,17 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def sampling_plan(args, cfg, modality, process, device, request: dict | None = None) -> tuple[int, str, float]:
+    """(steps, sampler, guidance) a command will really use: the command line's, else the run's
+    `sample` settings. Reported as used: a left-to-right model takes one step per token whatever
+    `steps` says, and an unconditional model has nothing for guidance to push towards."""
+    steps = args.steps or cfg.sample.steps
+    if getattr(process, "causal", False):
+        steps = modality.sample_shape(1)[-1]
+    sampler = args.sampler or cfg.sample.sampler or process.samplers[0]
+    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
+    if not modality.sample_cond(1, device, **(request or {})):
+        guidance = 1.0
+    return steps, sampler, guidance

@@ -18,7 +18,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from diffusion import build_process
-from infer.cli import parse, pick_device
+from infer.cli import parse, pick_device, sampling_plan
 from train.checkpoint import load_model
 
 
@@ -47,14 +47,8 @@ def evaluate(args) -> dict:
     device = pick_device(args.device)
     cfg, modality, model = load_model(args.ckpt, device)
     process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
-    args = OmegaConf.merge(
-        args,
-        {
-            "steps": args.steps or cfg.sample.steps,
-            "sampler": args.sampler or cfg.sample.sampler or process.samplers[0],
-            "guidance": cfg.sample.guidance if args.guidance is None else args.guidance,
-        },
-    )
+    steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device)
+    args = OmegaConf.merge(args, {"steps": steps, "sampler": sampler, "guidance": guidance})
     torch.manual_seed(args.seed)
     metrics = modality.evaluate(model, process, args, device)
     result = {

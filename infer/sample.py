@@ -18,7 +18,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from diffusion import build_process
-from infer.cli import parse, pick_device
+from infer.cli import parse, pick_device, sampling_plan
 from train.checkpoint import load_model
 
 
@@ -47,12 +47,8 @@ def sample(args) -> str:
     device = pick_device(args.device)
     cfg, modality, model = load_model(args.ckpt, device)
     process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
-    steps = args.steps or cfg.sample.steps
-    sampler = args.sampler or cfg.sample.sampler or process.samplers[0]
     request = {k: args[k] for k in ("label", "prompt") if args[k] is not None}
-    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
-    if not modality.sample_cond(1, device, **request):
-        guidance = 1.0  # an unconditional model: there is nothing to guide towards
+    steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device, request)
     options = {k: args[k] for k in ("eta", "block", "temperature", "top_k", "top_p") if args[k] is not None}
     options.update(modality.sample_options(**request))
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -372,14 +372,12 @@ def test_text_modality_needs_a_token_process():
 # --- end to end -------------------------------------------------------------------------------
 
 
-def test_trainer_then_sampler_and_evaluator(tmp_path, capsys):
+def train_text_run(tmp_path, *overrides):
+    """A 20-step dit_xs text run through the real trainer; returns its result."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from infer.cli import parse
-    from infer.evaluate import EvalArgs, evaluate
-    from infer.sample import SampleArgs, sample
-    from train.config import CONFIG_DIR, load_run_config, register_schemas
+    from train.config import CONFIG_DIR, register_schemas
     from train.train import train
 
     register_schemas()
@@ -403,9 +401,19 @@ def test_trainer_then_sampler_and_evaluator(tmp_path, capsys):
                 "name=t",
                 "modality.seq_len=32",
                 "optim.warmup_steps=5",
+                *overrides,
             ],
         )
-    result = train(cfg)
+    return train(cfg)
+
+
+def test_trainer_then_sampler_and_evaluator(tmp_path, capsys):
+    from infer.cli import parse
+    from infer.evaluate import EvalArgs, evaluate
+    from infer.sample import SampleArgs, sample
+    from train.config import load_run_config
+
+    result = train_text_run(tmp_path)
     assert result.step == 20 and (result.run_dir / "samples" / "step_00000020.txt").exists()
     ckpt = result.run_dir / "checkpoints" / "last"
     saved = load_run_config(ckpt / "config.yaml")
@@ -435,3 +443,16 @@ def test_trainer_then_sampler_and_evaluator(tmp_path, capsys):
     texts = ["the cat sat", "on the mat and the dog sat on the log"]
     args = OmegaConf.create({"seed": 0, "batch": 8, "mc_timesteps": 2})
     assert generative_perplexity(texts, str(ckpt), args, torch.device("cpu")) > 1
+
+
+def test_autoregressive_sampling_reports_one_step_per_token(tmp_path, capsys):
+    from infer.cli import parse
+    from infer.sample import SampleArgs, sample
+
+    result = train_text_run(tmp_path, "modality.process=autoregressive")
+    ckpt = result.run_dir / "checkpoints" / "last"
+    path = sample(parse(SampleArgs, [f"ckpt={ckpt}", "steps=3", "n=2", "prompt=the", "preview=true"]))
+    out = capsys.readouterr().out
+    # `steps` has no say left to right: 32 tokens take 32 network calls, and the previews span them all
+    assert "32 steps" in out and "x0 previews at steps [0, 4, 9, 13, 18, 22, 27, 31]" in out
+    assert open(path, encoding="utf-8").read().split("\n", 1)[1].startswith("the")
