@@ -53,6 +53,7 @@ def sample(args) -> str:
     options.update(modality.sample_options(**request))
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
+    cond = modality.sample_cond(args.n, device, **request)  # drawn once, so label grids cycle across chunks
     chunks, previews = [], []
     keep = sorted({round(i * (steps - 1) / 7) for i in range(8)})
     for start in tqdm(range(0, args.n, args.batch), desc="sampling", disable=args.n <= args.batch):
@@ -65,7 +66,7 @@ def sample(args) -> str:
         x0 = process.sample(
             modality.model_fn(model),
             modality.sample_shape(n),
-            modality.sample_cond(n, device, **request),
+            {k: v[start : start + n] for k, v in cond.items()},
             steps=steps,
             sampler=sampler,
             guidance=guidance,

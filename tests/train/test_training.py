@@ -103,3 +103,38 @@ def test_bf16_and_fp32_agree_on_a_tiny_model(tiny_cfg):
         bf16 = process.loss(fn, x0, cond, generator=torch.Generator().manual_seed(0))
     # Stated tolerance: bf16 keeps 8 mantissa bits; through two blocks the loss agrees to 2%.
     assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.02
+
+
+def test_sample_cli_is_seeded_and_cycles_labels_across_batches(tiny_cfg, tmp_path, monkeypatch, capsys):
+    import infer.sample as cli
+    from infer.cli import parse
+
+    ckpt = trainer.train(tiny_cfg("steps=5")).run_dir / "checkpoints" / "last"
+    seen = []
+    real_build = cli.build_process
+
+    def spying_build(*args, **kwargs):
+        process = real_build(*args, **kwargs)
+        real_sample = process.sample
+
+        def sample(model_fn, shape, cond, **options):
+            seen.append(cond["label"].tolist())
+            return real_sample(model_fn, shape, cond, **options)
+
+        process.sample = sample
+        return process
+
+    monkeypatch.setattr(cli, "build_process", spying_build)
+
+    def run(*extra):
+        argv = [f"ckpt={ckpt}", "n=8", "batch=3", "steps=2", "device=cpu", *extra]
+        return open(cli.sample(parse(cli.SampleArgs, argv)), "rb").read()
+
+    first = run("seed=0", f"out={tmp_path / 'a'}")
+    assert seen == [[0, 1, 2], [3, 4, 5], [0, 1]]  # one grid through the 6 classes, not restarted per batch
+    assert "wrote 8 samples (dpmpp_2m, 2 steps, guidance 2, seed 0)" in capsys.readouterr().out
+    assert run("seed=0", f"out={tmp_path / 'b'}") == first
+    assert run("seed=1", f"out={tmp_path / 'c'}") != first
+    seen.clear()
+    run("label=square", f"out={tmp_path / 'd'}")
+    assert seen == [[1, 1, 1], [1, 1, 1], [1, 1]]
