@@ -40,3 +40,32 @@ def tiny_cfg(tmp_path):
         return compose_cfg([*TINY, f"out_dir={tmp_path / 'runs'}", "name=t", *overrides])
 
     return make
+
+
+# A 20-step dit_xs text model on the built-in corpus, through the real trainer.
+TINY_TEXT = [
+    "modality=text_discrete",
+    "backbone=dit_xs",
+    "steps=20",
+    "batch_size=8",
+    "num_workers=0",
+    "sample.every=20",
+    "sample.steps=4",
+    "sample.sampler=ancestral",
+    "sample.n=2",
+    "save_every=20",
+    "log_every=10",
+    "modality.seq_len=32",
+    "optim.warmup_steps=5",
+]
+
+
+@pytest.fixture
+def text_run(tmp_path):
+    """text_run(*overrides) -> the trainer's result for a tiny text run under tmp_path."""
+    from train.train import train
+
+    def run(*overrides):
+        return train(compose_cfg([*TINY_TEXT, f"out_dir={tmp_path}", "name=t", *overrides]))
+
+    return run

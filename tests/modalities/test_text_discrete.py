@@ -372,48 +372,13 @@ def test_text_modality_needs_a_token_process():
 # --- end to end -------------------------------------------------------------------------------
 
 
-def train_text_run(tmp_path, *overrides):
-    """A 20-step dit_xs text run through the real trainer; returns its result."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from train.config import CONFIG_DIR, register_schemas
-    from train.train import train
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "modality=text_discrete",
-                "backbone=dit_xs",
-                "steps=20",
-                "batch_size=8",
-                "num_workers=0",
-                "sample.every=20",
-                "sample.steps=4",
-                "sample.sampler=ancestral",
-                "sample.n=2",
-                "save_every=20",
-                "log_every=10",
-                f"out_dir={tmp_path}",
-                "name=t",
-                "modality.seq_len=32",
-                "optim.warmup_steps=5",
-                *overrides,
-            ],
-        )
-    return train(cfg)
-
-
-def test_trainer_then_sampler_and_evaluator(tmp_path, capsys):
+def test_trainer_then_sampler_and_evaluator(tmp_path, capsys, text_run):
     from infer.cli import parse
     from infer.evaluate import EvalArgs, evaluate
     from infer.sample import SampleArgs, sample
     from train.config import load_run_config
 
-    result = train_text_run(tmp_path)
+    result = text_run()
     assert result.step == 20 and (result.run_dir / "samples" / "step_00000020.txt").exists()
     ckpt = result.run_dir / "checkpoints" / "last"
     saved = load_run_config(ckpt / "config.yaml")
@@ -445,11 +410,11 @@ def test_trainer_then_sampler_and_evaluator(tmp_path, capsys):
     assert generative_perplexity(texts, str(ckpt), args, torch.device("cpu")) > 1
 
 
-def test_autoregressive_sampling_reports_one_step_per_token(tmp_path, capsys):
+def test_autoregressive_sampling_reports_one_step_per_token(tmp_path, capsys, text_run):
     from infer.cli import parse
     from infer.sample import SampleArgs, sample
 
-    result = train_text_run(tmp_path, "modality.process=autoregressive")
+    result = text_run("modality.process=autoregressive")
     ckpt = result.run_dir / "checkpoints" / "last"
     path = sample(parse(SampleArgs, [f"ckpt={ckpt}", "steps=3", "n=2", "prompt=the", "preview=true"]))
     out = capsys.readouterr().out

@@ -1,0 +1,170 @@
+"""Decoding speed against sample quality for a text checkpoint: for every sampler and step count,
+sequences per second, network calls per batch, generative perplexity under a reference model and
+the samples' unigram entropy. One JSON line per (sampler, steps), then a Markdown table.
+
+    python bench/decoding.py --ckpt runs/masked/checkpoints/last --reference runs/ar/checkpoints/last
+    python bench/decoding.py --ckpt ... --samplers confidence blocks --steps 8 32 128 --n 256 --batch 128
+    python bench/decoding.py --ckpt ... --reference ... --out bench/decoding-masked.md
+
+Timing covers sampling alone (after one untimed warm-up batch per row): CUDA events on a GPU, the
+wall clock on a CPU. Network calls are counted per batch: the ancestral sampler of masked diffusion
+skips the call whenever no token changed, so it can use fewer calls than steps. Quality is scored
+after the timed region: the generative perplexity of the decoded samples under --reference (the
+autoregressive baseline trained by the same trainer, as infer/evaluate.py does), and the unigram
+entropy in bits of their tokens beside the held-out text's (a low entropy exposes repetition).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from omegaconf import OmegaConf
+from throughput import Timer  # bench/ is the script's own folder, first on sys.path
+from tqdm import tqdm
+
+from diffusion import build_process
+from modalities.text_discrete import chunks, generative_perplexity, unigram_entropy
+from train.checkpoint import load_model
+
+DEFAULT_STEPS = (8, 16, 32, 64, 128, 256)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a text checkpoint directory (masked or uniform diffusion)")
+    p.add_argument("--reference", default=None, help="checkpoint that scores the samples (generative perplexity)")
+    p.add_argument("--samplers", nargs="+", default=None, help="default: every sampler of the model's process")
+    p.add_argument("--steps", nargs="+", type=int, default=list(DEFAULT_STEPS))
+    p.add_argument("--n", type=int, default=64, help="sequences per row")
+    p.add_argument("--batch", type=int, default=64, help="sequences per sampling call")
+    p.add_argument("--block", type=int, default=None, help="block length of the blocks sampler (default: its own)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, on a GPU only")
+    p.add_argument("--mc-timesteps", type=int, default=8, help="reference timesteps, if it is a diffusion model")
+    p.add_argument(
+        "--heldout", default=None, help="text whose unigram entropy is shown beside (default: the run's held-out split)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def counted(model_fn):
+    """model_fn that counts its calls in `.calls`."""
+
+    def call(*args, **kwargs):
+        call.calls += 1
+        return model_fn(*args, **kwargs)
+
+    call.calls = 0
+    return call
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| sampler | steps | network calls | sequences/s | gen. perplexity | unigram entropy (bits) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ppl = "" if r["generative_perplexity"] is None else f"{r['generative_perplexity']:.1f}"
+        lines.append(
+            f"| {r['sampler']} | {r['steps']} | {r['network_calls']} | {r['sequences_per_s']:.2f} | {ppl} "
+            f"| {r['unigram_entropy_bits']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if args.precision == "bf16" and device.type != "cuda":
+        raise SystemExit("--precision bf16 needs a GPU; on a CPU use fp32")
+    if min(args.steps) < 1 or args.n < 1 or args.batch < 1:
+        raise SystemExit(f"--steps, --n and --batch must be positive (got {args.steps}, {args.n}, {args.batch})")
+    cfg, modality, model = load_model(args.ckpt, device)
+    if cfg.modality.name != "text_discrete":
+        raise SystemExit(f"{args.ckpt} is a {cfg.modality.name} checkpoint; decoding.py measures text models")
+    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    samplers = args.samplers or list(process.samplers)
+    unknown = [s for s in samplers if s not in process.samplers]
+    if unknown:
+        raise SystemExit(f"--samplers {unknown} are not samplers of {cfg.modality.process}: {list(process.samplers)}")
+    options = {} if args.block is None else {"block": args.block}
+    scoring = OmegaConf.create({"seed": args.seed, "batch": args.batch, "mc_timesteps": args.mc_timesteps})
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+
+    def draw(sampler, steps, n, generator):
+        model_fn = counted(modality.model_fn(model))
+        kw = options if sampler == "blocks" else {}
+        with autocast:
+            x = process.sample(
+                model_fn,
+                modality.sample_shape(n),
+                {},
+                steps=steps,
+                sampler=sampler,
+                generator=generator,
+                device=device,
+                **kw,
+            )
+        return x, model_fn.calls
+
+    rows, skipped = [], []
+    data_entropy = unigram_entropy(modality.heldout(args.heldout).ids, modality.vocab)
+    for sampler in samplers:
+        for steps in tqdm(args.steps, desc=sampler, leave=False):
+            generator = torch.Generator(device=device).manual_seed(args.seed)
+            try:
+                draw(sampler, steps, min(args.batch, args.n), generator)  # warm-up: kernels, caches, allocator
+            except ValueError as err:  # a combination the sampler refuses, e.g. fewer steps than blocks
+                skipped.append(f"{sampler}@{steps}")
+                print(f"skipped {sampler} at {steps} steps: {err}", file=sys.stderr, flush=True)
+                continue
+            generator.manual_seed(args.seed)
+            batches, calls = [], []
+            with Timer(device) as timer:
+                for i, j in chunks(args.n, args.batch):
+                    x, c = draw(sampler, steps, j - i, generator)
+                    batches.append(x)
+                    calls.append(c)
+            samples = torch.cat(batches)
+            texts = modality.decode(samples)
+            row = {
+                "sampler": sampler,
+                "steps": steps,
+                "n": args.n,
+                "batch": args.batch,
+                "precision": args.precision,
+                "network_calls": max(calls),
+                "sequences_per_s": round(args.n / timer.seconds, 3),
+                "generative_perplexity": (
+                    generative_perplexity(texts, args.reference, scoring, device) if args.reference else None
+                ),
+                "unigram_entropy_bits": round(unigram_entropy(samples, modality.vocab), 4),
+                "data_unigram_entropy_bits": round(data_entropy, 4),
+                "example": texts[0][:120],
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    markdown = table(rows)
+    print(markdown, end="")
+    if args.out:
+        Path(args.out).write_text(markdown)
+    summary = f"{len(rows)} rows for {args.ckpt}"
+    summary += f" ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else ""
+    print(summary + (f"; table written to {args.out}" if args.out else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

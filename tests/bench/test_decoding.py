@@ -1,0 +1,57 @@
+"""bench/decoding.py on a tiny text model: one row per sampler and step count, reproducible."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def decoding(*argv, check=True):
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "decoding.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=300,
+    )
+
+
+def rows(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_sweeps_every_sampler_and_step_count(text_run, tmp_path):
+    ckpt = text_run().run_dir / "checkpoints" / "last"
+    table = tmp_path / "table.md"
+    # the model scores its own samples (an ELBO bound): enough to exercise the reference path
+    common = ["--ckpt", ckpt, "--reference", ckpt, "--n", 3, "--batch", 2, "--mc-timesteps", 2]
+    run = decoding(*common, "--steps", 2, 5, "--out", table)
+    found, out = rows(run.stdout), run.stdout
+    # 32 tokens make 4 blocks of the default 8: two steps cannot finish them, and that row is skipped
+    assert [(r["sampler"], r["steps"]) for r in found] == [
+        (s, k) for s in ("ancestral", "confidence", "blocks") for k in (2, 5) if (s, k) != ("blocks", 2)
+    ]
+    assert "skipped blocks at 2 steps: steps=2 is fewer than the 4 blocks" in run.stderr
+    for r in found:
+        # ancestral may skip calls where no token changes; the others call once per step
+        assert r["network_calls"] <= r["steps"] if r["sampler"] == "ancestral" else r["network_calls"] == r["steps"]
+        assert r["sequences_per_s"] > 0 and r["generative_perplexity"] > 1
+        assert 0 < r["unigram_entropy_bits"] <= r["data_unigram_entropy_bits"] + 2
+    markdown = table.read_text().splitlines()
+    assert markdown[0].startswith("| sampler | steps |") and len(markdown) == 2 + len(found)
+    assert f"5 rows for {ckpt} (1 skipped: blocks@2); table written to {table}" in out
+
+    again = rows(decoding(*common, "--steps", 5, "--samplers", "confidence").stdout)[0]
+    first = next(r for r in found if (r["sampler"], r["steps"]) == ("confidence", 5))
+    for key in ("generative_perplexity", "unigram_entropy_bits", "example"):
+        assert again[key] == first[key]  # same seed, same samples, same scores
+
+
+def test_unknown_sampler_and_bad_counts_are_named(text_run):
+    ckpt = text_run().run_dir / "checkpoints" / "last"
+    bad = decoding("--ckpt", ckpt, "--samplers", "dpmpp_2m", check=False)
+    assert bad.returncode != 0 and "dpmpp_2m" in bad.stderr and "'confidence'" in bad.stderr
+    bad = decoding("--ckpt", ckpt, "--steps", 0, check=False)
+    assert bad.returncode != 0 and "--steps" in bad.stderr
