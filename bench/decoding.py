@@ -30,6 +30,7 @@ from throughput import Timer  # bench/ is the script's own folder, first on sys.
 from tqdm import tqdm
 
 from diffusion import build_process
+from infer.cli import pick_device
 from modalities.text_discrete import chunks, generative_perplexity, unigram_entropy
 from train.checkpoint import load_model
 
@@ -83,9 +84,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     if args.precision == "bf16" and device.type != "cuda":
         raise SystemExit("--precision bf16 needs a GPU; on a CPU use fp32")
     if min(args.steps) < 1 or args.n < 1 or args.batch < 1:
@@ -104,7 +103,6 @@ def main(argv=None) -> list[dict]:
 
     def draw(sampler, steps, n, generator):
         model_fn = counted(modality.model_fn(model))
-        kw = options if sampler == "blocks" else {}
         with autocast:
             x = process.sample(
                 model_fn,
@@ -114,7 +112,7 @@ def main(argv=None) -> list[dict]:
                 sampler=sampler,
                 generator=generator,
                 device=device,
-                **kw,
+                **options,
             )
         return x, model_fn.calls
 

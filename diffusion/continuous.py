@@ -28,6 +28,10 @@ class ContinuousProcess:
     t_min: float = 1e-3
     samplers = tuple(SAMPLERS)  # valid names, the first the default
 
+    def sample_steps(self, steps: int, shape) -> int:
+        """The network steps `sample` takes when asked for `steps`: exactly those."""
+        return steps
+
     def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -136,6 +136,10 @@ class TokenProcess:
     causal = False  # True: the backbone must attend only to earlier tokens
     samplers: tuple = ("ancestral",)  # valid `sampler` names, the first the default
 
+    def sample_steps(self, steps: int, shape) -> int:
+        """The steps `sample` takes when asked for `steps` on (B, N) tokens."""
+        return steps
+
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
@@ -402,6 +406,10 @@ class Autoregressive(TokenProcess):
             raise ValueError(f"bos_id={bos_id} is a data token; the start token must be >= {vocab_size}")
         super().__init__(vocab_size)
         self.bos_id = bos_id
+
+    def sample_steps(self, steps: int, shape) -> int:
+        """Left to right: one step per token, whatever `steps` says."""
+        return shape[-1]
 
     def logits(self, model_fn, x0, cond):
         """(B, N, C): position i predicts x0_i from x0_<i."""

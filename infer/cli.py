@@ -57,11 +57,10 @@ def pick_device(name: str) -> torch.device:
 
 def sampling_plan(args, cfg, modality, process, device, request: dict | None = None) -> tuple[int, str, float]:
     """(steps, sampler, guidance) a command will really use: the command line's, else the run's
-    `sample` settings. Reported as used: a left-to-right model takes one step per token whatever
-    `steps` says, and an unconditional model has nothing for guidance to push towards."""
-    steps = args.steps or cfg.sample.steps
-    if getattr(process, "causal", False):
-        steps = modality.sample_shape(1)[-1]
+    `sample` settings. Reported as used: the process says how many steps it really takes (the
+    autoregressive baseline: one per token), and an unconditional model has nothing for guidance
+    to push towards."""
+    steps = process.sample_steps(args.steps or cfg.sample.steps, modality.sample_shape(1))
     sampler = args.sampler or cfg.sample.sampler or process.samplers[0]
     guidance = cfg.sample.guidance if args.guidance is None else args.guidance
     if not modality.sample_cond(1, device, **(request or {})):
