@@ -49,6 +49,17 @@ def parse(schema, argv: list[str] | None = None):
     return args
 
 
+def check_request(modality, request: dict) -> dict:
+    """Refuse what the model cannot take (prompt= for an image model, label= for text), naming
+    what it does take; returns `request`."""
+    refused = sorted(set(request) - set(modality.requests))
+    if refused:
+        takes = ", ".join(f"{k}=" for k in modality.requests) or "nothing"
+        keys = ", ".join(f"{k}=" for k in refused)
+        raise SystemExit(f"{keys} does not apply to this {modality.cfg.name} model; it takes {takes}")
+    return request
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

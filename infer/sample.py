@@ -18,8 +18,11 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from diffusion import build_process
-from infer.cli import parse, pick_device, sampling_plan
+from infer.cli import check_request, parse, pick_device, sampling_plan
 from train.checkpoint import load_model
+
+
+REQUESTS = ("label", "prompt")  # what a sample may be asked for; each modality says which it takes
 
 
 @dataclass
@@ -30,7 +33,7 @@ class SampleArgs:
     sampler: str | None = None  # default: the training config's sample.sampler, else the process's first
     guidance: float | None = None  # classifier-free guidance scale; 1 = none (default: training config's)
     seed: int = 0
-    label: Any = None  # class index or name (image models trained with labels)
+    label: Any = None  # class index or name (models trained with labels)
     prompt: str | None = None  # text models: fixed prefix
     eta: float | None = None  # ddim: 0 deterministic .. 1 DDPM
     block: int | None = None  # discrete text, sampler=blocks: block length
@@ -47,7 +50,7 @@ def sample(args) -> str:
     device = pick_device(args.device)
     cfg, modality, model = load_model(args.ckpt, device)
     process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
-    request = {k: args[k] for k in ("label", "prompt") if args[k] is not None}
+    request = check_request(modality, {k: args[k] for k in REQUESTS if args[k] is not None})
     steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device, request)
     options = {k: args[k] for k in ("eta", "block", "temperature", "top_k", "top_p") if args[k] is not None}
     options.update(modality.sample_options(**request))

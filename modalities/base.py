@@ -35,6 +35,9 @@ class Modality:
 
     Config = ModalityConfig
     grid_axes = 1  # axes of the token grid: 1 for sequences, 2 for images and spectrograms, 3 for video
+    # What a user may ask of sampling (infer/sample.py's label=, prompt=, ...): those keys reach
+    # sample_cond and sample_options; any other key is refused naming these.
+    requests: tuple[str, ...] = ()
 
     def __init__(self, cfg, patch: int, data=None):
         # data: the run's `data` config; its path (None: the modality's built-in data) and the

@@ -30,6 +30,7 @@ class ImageConfig(ModalityConfig):
 class Image(Modality):
     Config = ImageConfig
     grid_axes = 2
+    requests = ("label",)
     DATASETS = ("shapes", "mnist", "folder")
 
     def __init__(self, cfg, patch: int, data=None):

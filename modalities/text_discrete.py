@@ -40,6 +40,7 @@ class TextDiscreteConfig(ModalityConfig):
 
 class TextDiscrete(Modality):
     Config = TextDiscreteConfig
+    requests = ("prompt",)
 
     def __init__(self, cfg, patch: int, data=None):
         super().__init__(cfg, patch, data)

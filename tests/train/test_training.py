@@ -138,3 +138,13 @@ def test_sample_cli_is_seeded_and_cycles_labels_across_batches(tiny_cfg, tmp_pat
     seen.clear()
     run("label=square", f"out={tmp_path / 'd'}")
     assert seen == [[1, 1, 1], [1, 1, 1], [1, 1]]
+
+
+def test_sample_cli_refuses_a_request_the_model_cannot_take(tiny_cfg, tmp_path):
+    from infer.cli import parse
+    from infer.sample import SampleArgs, sample
+
+    result = trainer.train(tiny_cfg("steps=2"))
+    ckpt = result.run_dir / "checkpoints" / "last"
+    with pytest.raises(SystemExit, match=r"prompt= does not apply to this image model; it takes label="):
+        sample(parse(SampleArgs, [f"ckpt={ckpt}", "n=2", "steps=2", "prompt=a red circle", f"out={tmp_path / 's'}"]))

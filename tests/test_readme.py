@@ -1,0 +1,50 @@
+"""The README's set-up commands are what CI runs, and its test command works as printed from a
+fresh copy of the repository (a bare `pytest` once collected nothing: the test folders shadowed
+the packages of the same names)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's first code block (comments stripped): install, then test."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    install, test = readme_commands()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert install in ci and test in ci, f".ci/run must run {install!r} and {test!r} as printed"
+    assert ci.index(install) < ci.index(test)
+
+
+def test_readme_test_command_collects_in_a_fresh_copy(tmp_path):
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        import pytest
+
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    clone = tmp_path / "clone"
+    for name in filter(None, files.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    _, test = readme_commands()
+    done = subprocess.run(
+        [*shlex.split(test), "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    collected = sum(int(n) for n in re.findall(r"^tests/\S+\.py: (\d+)$", done.stdout, re.M))  # -qq listing
+    assert collected > 100, done.stdout[-2000:]
