@@ -48,3 +48,12 @@ def test_readme_test_command_collects_in_a_fresh_copy(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     collected = sum(int(n) for n in re.findall(r"^tests/\S+\.py: (\d+)$", done.stdout, re.M))  # -qq listing
     assert collected > 100, done.stdout[-2000:]
+
+
+def test_readme_links_resolve_inside_the_repository():
+    """Users have only the repository: every relative link of the README points at a file in it."""
+    text = (ROOT / "README.md").read_text()
+    assert "../shared" not in text
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        if "://" not in target:
+            assert (ROOT / target).exists(), f"README links to {target}, which is not in the repository"
