@@ -11,6 +11,7 @@ A folder that already holds a run is refused unless the command says what to do 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -163,7 +164,7 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         if self.csv.exists():
-            rows = [line for line in self.csv.read_text().splitlines() if int(line.split(",")[0]) <= step]
+            rows = [row for row in self.csv.read_text().splitlines() if _row_step(row) <= step]
             self.csv.write_text("".join(row + "\n" for row in rows))
         self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=step + 1)
         self.writer.add_hparams(flat_hparams(cfg), {})
@@ -179,6 +180,12 @@ class RunLog:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def _row_step(row: str) -> float:
+    """The step of a loss.csv row; inf for a row cut short by a kill, so that it is dropped."""
+    step, _, value = row.partition(",")
+    return int(step) if step.isdigit() and value else math.inf
 
 
 def flat_hparams(cfg) -> dict:

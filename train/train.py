@@ -3,9 +3,9 @@
     accelerate launch train/train.py modality=image            # one or many GPUs
     python train/train.py modality=image backbone=dit_xs       # one process, CPU or GPU
 
-Reads top to bottom: config -> accelerator and seed -> modality -> DiT -> EMA -> optimizer
-and schedule -> loader -> accelerator.prepare -> resume -> loop (encode, loss, backward, clip,
-step, EMA, log, sample, save).
+Reads top to bottom: config -> accelerator -> run folder (train/run_dir.py: chosen, locked) ->
+seed -> modality -> DiT -> EMA -> optimizer and schedule -> loader -> accelerator.prepare ->
+resume -> loop (encode, loss, backward, clip, step, EMA, log, sample, save while healthy).
 """
 
 from __future__ import annotations
@@ -293,7 +293,8 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
                 if any_process(accelerator, state.bad_steps > 0 or not finite_weights(model, ema_model)):
                     accelerator.print(
                         f"warning: no checkpoint at step {state.step}: the run is unhealthy ({state.bad_steps} "
-                        f"non-finite steps in a row, or non-finite weights); the last good one is {last_good}"
+                        "non-finite steps in a row, or non-finite weights); "
+                        f"the last good one is {last_good or 'none yet'}"
                     )
                 else:
                     is_best = bool(losses) and losses[-1][1] < state.best_loss

@@ -24,7 +24,8 @@ def csv_steps(run: Path) -> list[int]:
 def test_two_processes_without_a_name_are_one_ddp_run(tmp_path, tiny_cfg):
     overrides = [*TINY, "steps=3", "batch_size=8", "save_every=3"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "train/train.py", *overrides, f"out_dir={tmp_path}/ddp"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*torchrun, "train/train.py", *overrides, f"out_dir={tmp_path}/ddp"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     (run,) = (tmp_path / "ddp").iterdir()  # one folder for both processes
