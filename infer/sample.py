@@ -20,6 +20,7 @@ from tqdm import tqdm
 from diffusion import build_process
 from infer.cli import check_request, parse, pick_device, sampling_plan
 from train.checkpoint import load_model
+from train.health import warn_if_degenerate
 
 
 REQUESTS = ("label", "prompt")  # what a sample may be asked for; each modality says which it takes
@@ -78,6 +79,7 @@ def sample(args) -> str:
             callback=callback,
             **options,
         )
+        warn_if_degenerate(x0, f"samples from {args.ckpt}")
         chunks.append(modality.decode(x0))
     samples = torch.cat(chunks) if isinstance(chunks[0], torch.Tensor) else sum(chunks, [])
     out = args.out or str(Path(args.ckpt) / "samples" / f"{sampler}-{steps}steps-g{guidance:g}-seed{args.seed}")

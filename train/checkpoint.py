@@ -14,6 +14,7 @@ mid-write leaves the previous checkpoints as they were.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -90,12 +91,76 @@ def _prune(root: Path, keep_last: int):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+def _safetensors_damage(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file, judged from its header alone: 8 bytes giving the
+    header's length, a JSON header, and tensor data that must end exactly where the file ends."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + n > size:
+                return f"truncated ({size} bytes, shorter than its header)"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return "missing"
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "its header is not valid safetensors"
+    if 8 + n + end != size:
+        return f"truncated ({size} bytes, its header says {8 + n + end})"
+    return None
+
+
+def checkpoint_damage(ckpt: Path) -> str | None:
+    """Why checkpoint `ckpt` cannot be resumed ("<file>: <reason>"), or None when it looks whole.
+    Cheap: reads the headers of the safetensors files and checks that the other state files are not empty."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "state").is_dir():
+        return f"{ckpt / 'state'}: missing"
+    for path in [ckpt / "model.safetensors", *sorted((ckpt / "state").iterdir())]:
+        if path.suffix == ".safetensors":
+            why = _safetensors_damage(path)
+        else:
+            why = None if path.stat().st_size else "empty"
+        if why:
+            return f"{path}: {why}"
+    return None
+
+
+def resume_state(accelerator, resume: str | None, run_dir: Path) -> Path | None:
+    """Load the training state that `resume` names into `accelerator`; returns the checkpoint
+    directory, or None when there is nothing to resume.
+
+    resume=auto takes the newest intact checkpoint of `run_dir`: a damaged one (truncated by a full
+    disk, a copy cut short) is named and passed over for the next older one. An explicit directory
+    is loaded as given, and refused naming its damaged file."""
+    if not resume:
+        return None
+    if resume != "auto":
+        ckpt = Path(resume).resolve()
+        if not (ckpt / "state").is_dir():
+            raise FileNotFoundError(f"resume={resume}: no resumable state in {ckpt / 'state'}")
+        why = checkpoint_damage(ckpt)
+        if why:
+            raise ValueError(f"resume={resume}: the checkpoint is damaged: {why}")
+        accelerator.load_state(str(ckpt / "state"))
+        return ckpt
     root = Path(run_dir) / "checkpoints"
     steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    complete = [p for p in steps if (p / "model.safetensors").exists() and (p / "state").is_dir()]
-    return complete[-1] if complete else None
+    damaged = []
+    for ckpt in reversed(steps):
+        why = checkpoint_damage(ckpt)
+        if why is None:
+            try:
+                accelerator.load_state(str(ckpt / "state"))
+                return ckpt
+            except Exception as e:  # a damaged pickle, a state from other code: report it, try the previous one
+                why = f"{ckpt / 'state'} does not load: {type(e).__name__}: {e}"
+        accelerator.print(f"warning: checkpoint {ckpt} is damaged ({why}); falling back to an older one")
+        damaged.append(why)
+    if damaged:
+        raise ValueError(f"no intact checkpoint in {root} to resume from:\n  " + "\n  ".join(damaged))
+    return None
 
 
 def load_weights(model: torch.nn.Module, path: Path):

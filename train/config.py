@@ -66,6 +66,7 @@ class TrainConfig:
     name: str | None = None
     out_dir: str = "runs"
     resume: str | None = None
+    overwrite: bool = False  # delete an existing, non-empty run folder and start afresh in it
     seed: int = 0
     steps: int = 20000
     batch_size: int = 64
@@ -123,6 +124,8 @@ def validate(cfg: DictConfig):
         raise ValueError(f"data.bad_threshold={cfg.data.bad_threshold} must be in [0, 1)")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise ValueError(f"max_minutes={cfg.max_minutes} must be positive (or null for no limit)")
+    if cfg.overwrite and cfg.resume:
+        raise ValueError(f"overwrite=true deletes the run that resume={cfg.resume} continues; give one of them")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
 

@@ -3,9 +3,9 @@
     accelerate launch train/train.py modality=image            # one or many GPUs
     python train/train.py modality=image backbone=dit_xs       # one process, CPU or GPU
 
-Reads top to bottom: config -> accelerator and seed -> modality -> DiT -> EMA -> optimizer
-and schedule -> loader -> accelerator.prepare -> resume -> loop (encode, loss, backward, clip,
-step, EMA, log, sample, save).
+Reads top to bottom: config -> accelerator -> run folder (train/run_dir.py: chosen, locked) ->
+seed -> modality -> DiT -> EMA -> optimizer and schedule -> loader -> accelerator.prepare ->
+resume -> loop (encode, loss, backward, clip, step, EMA, log, sample, save while healthy).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/train.py` without an install: make the repo importable
@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # `python train/train.py` without an install: mak
 
 import hydra
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -35,10 +35,12 @@ from backbones.dit import check_shape
 from diffusion import build_process
 from modalities import build_modality
 from modalities.data import BadDataTracker, Tolerant, collate
-from train.checkpoint import build_model, latest_checkpoint, save_checkpoint
+from train.checkpoint import build_model, resume_state, save_checkpoint
 from train.config import CONFIG_DIR, register_schemas, validate
 from train.ema import update_ema
+from train.health import finite_weights, warn_if_degenerate
 from train.plots import plot_losses
+from train.run_dir import RunLog, choose_run_dir, claim_run_dir, outputs_line
 
 register_schemas()
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
@@ -71,31 +73,28 @@ class TrainState:
         self.generator.set_state(state["generator"])
 
 
-def make_accelerator(cfg, run_dir: Path) -> Accelerator:
-    return Accelerator(
+def make_accelerator(cfg) -> Accelerator:
+    """The Accelerator, made before anything else talks to other processes: it forms the process
+    group with the launch's options (ACCELERATE_USE_CPU...), which a bare PartialState() would not."""
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with="tensorboard",
-        project_dir=str(run_dir),
         # A seedable sampler makes the data order a function of (seed, epoch): needed for exact resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-
-
-def choose_run_dir(cfg) -> Path:
-    """runs/<name>. Without a name the main process stamps one and tells the others, so every
-    process of `accelerate launch` writes to the same folder."""
-    out = Path(cfg.out_dir)
-    name = cfg.name
-    if name is None and cfg.resume == "auto":  # continue the newest run of this modality
-        runs = sorted(out.glob(f"{cfg.modality.name}-*"), key=lambda p: p.stat().st_mtime)
-        name = runs[-1].name if runs else None
-    if name is None:
-        PartialState()  # joins the process group, so the broadcast below reaches every process
-        stamp = [f"{cfg.modality.name}-{datetime.now():%Y%m%d-%H%M%S}"]
-        broadcast_object_list(stamp)
-        name = stamp[0]
-    return out / name
+    # `accelerate launch --cpu --num_processes N` starts one process (Accelerate starts several CPU
+    # processes only through MPI) and says nothing; it does set MASTER_ADDR, as torchrun sets WORLD_SIZE.
+    world_size = int(os.environ.get("WORLD_SIZE", 0))
+    asked = f"WORLD_SIZE={world_size}" if world_size > accelerator.num_processes else None
+    if not world_size and accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ:
+        asked = "MASTER_ADDR is set, as `accelerate launch --num_processes N` sets it"
+    if asked:
+        accelerator.print(
+            f"warning: launched for several processes ({asked}) but training as {accelerator.num_processes}. "
+            "`accelerate launch --cpu` starts one process; for several CPU processes use "
+            "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N train/train.py ...`"
+        )
+    return accelerator
 
 
 def make_optimizer(cfg, model, device):
@@ -151,6 +150,7 @@ def draw_samples(cfg, modality, process, ema_model, device, path: Path, seed: in
         device=device,
         **modality.sample_options(),
     )
+    warn_if_degenerate(x0, f"samples {path}")
     return modality.save(modality.decode(x0), path)
 
 
@@ -164,14 +164,23 @@ class TrainResult:
 
 
 def train(cfg) -> TrainResult:
-    """Run (or resume) the training that `cfg` describes."""
+    """Run (or resume) the training that `cfg` describes, in a run folder locked while it runs."""
     validate(cfg)
     check_shape(cfg.backbone.hidden_size, cfg.backbone.num_heads, cfg.backbone.pos)
     modality = build_modality(cfg.modality, cfg.backbone.patch, cfg.data)
     modality.check(cfg.backbone)
 
-    run_dir = choose_run_dir(cfg)
-    accelerator = make_accelerator(cfg, run_dir)
+    accelerator = make_accelerator(cfg)
+    run_dir = choose_run_dir(cfg, accelerator)
+    lock = claim_run_dir(cfg, accelerator, run_dir)  # refuses a folder holding another run
+    try:
+        return fit(cfg, accelerator, modality, run_dir)
+    finally:
+        lock.release()
+
+
+def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
+    """The training itself: data, model, EMA, optimizer, resume, loop."""
     set_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -196,21 +205,12 @@ def train(cfg) -> TrainResult:
     accelerator.register_for_checkpointing(scheduler, ema_model, state)
 
     ckpt_root = run_dir / "checkpoints"
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = latest_checkpoint(run_dir)
-    elif cfg.resume:
-        resume_from = Path(cfg.resume).resolve()
-        if not (resume_from / "state").is_dir():
-            raise FileNotFoundError(f"resume={cfg.resume}: no resumable state in {resume_from / 'state'}")
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from / "state"))
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
-
+    last_good = resume_state(accelerator, cfg.resume, run_dir)  # the newest checkpoint of a healthy run
+    if last_good is not None:
+        accelerator.print(f"resumed from {last_good} at step {state.step}")
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        accelerator.init_trackers("tb", config=flat_hparams(cfg))
+    log = RunLog(run_dir, state.step, cfg, enabled=accelerator.is_main_process)  # cut back to this step
 
     # SIGTERM (what schedulers send before pre-emption) asks for a checkpoint and a clean exit.
     # max_minutes does the same when the wall-clock budget is spent. Processes agree on stopping.
@@ -258,7 +258,12 @@ def train(cfg) -> TrainResult:
                         if state.bad_steps >= cfg.max_bad_steps:
                             raise FloatingPointError(
                                 f"{state.bad_steps} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}); "
-                                f"the last good checkpoint is {ckpt_root / 'last'}. Lower optim.lr, or check the data."
+                                + (
+                                    f"the last good checkpoint is {last_good}"
+                                    if last_good
+                                    else "no checkpoint was kept"
+                                )
+                                + ". Lower optim.lr, or check the data."
                             )
                     optimizer.zero_grad(set_to_none=True)
             seen += batch["n"]
@@ -270,28 +275,34 @@ def train(cfg) -> TrainResult:
             update_ema(ema_model, accelerator.unwrap_model(model), cfg.ema_decay, state.step)
             state.step += 1
             bar.update(1)
-            stop["now"] = should_stop(accelerator, stop["signal"] is not None or time.monotonic() > deadline)
+            stop["now"] = any_process(accelerator, stop["signal"] is not None or time.monotonic() > deadline)
 
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 tracker.check(*accelerator.reduce(torch.tensor([tracker.seen, tracker.bad], device=device)).tolist())
                 mean_loss = accelerator.reduce(torch.stack(window).nanmean(), "mean").item()
                 rate = seen * accelerator.num_processes / (time.perf_counter() - t0)
                 losses.append((state.step, mean_loss))
-                if accelerator.is_main_process:  # appended as we go: a resumed run continues the file
-                    with open(run_dir / "loss.csv", "a") as f:
-                        f.write(f"{state.step},{mean_loss!r}\n")
-                accelerator.log(
-                    {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}, step=state.step
-                )
+                log.write(state.step, mean_loss, lr=scheduler.get_last_lr()[0], samples_per_s=rate)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.0f}")
                 window, t0, seen = [], time.perf_counter(), 0
             if accelerator.is_main_process and cfg.sample.every and state.step % cfg.sample.every == 0:
                 draw_samples(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
             if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["now"]:
-                is_best = bool(losses) and losses[-1][1] < state.best_loss
-                if is_best:
-                    state.best_loss = losses[-1][1]
-                save_checkpoint(accelerator, ckpt_root, state.step, cfg, ema_model, cfg.keep_last, is_best)
+                # Inside a non-finite streak, or with weights already blown up, a checkpoint would
+                # replace `last` by a broken model: keep the last good one instead.
+                if any_process(accelerator, state.bad_steps > 0 or not finite_weights(model, ema_model)):
+                    accelerator.print(
+                        f"warning: no checkpoint at step {state.step}: the run is unhealthy ({state.bad_steps} "
+                        "non-finite steps in a row, or non-finite weights); "
+                        f"the last good one is {last_good or 'none yet'}"
+                    )
+                else:
+                    is_best = bool(losses) and losses[-1][1] < state.best_loss
+                    if is_best:
+                        state.best_loss = losses[-1][1]
+                    last_good = save_checkpoint(
+                        accelerator, ckpt_root, state.step, cfg, ema_model, cfg.keep_last, is_best
+                    )
             if state.step >= cfg.steps or stop["now"]:
                 break
         else:  # the epoch ran out
@@ -304,46 +315,35 @@ def train(cfg) -> TrainResult:
 
     bar.close()
     signal.signal(signal.SIGTERM, previous_handler)
-    accelerator.end_training()
+    out_of_time = time.monotonic() > deadline
     if accelerator.is_main_process:
+        # A run shorter than sample.every still leaves one grid, the first thing a person looks at;
+        # not under SIGTERM, whose grace period is for the checkpoint.
+        no_grid = not any((run_dir / "samples").glob("step_*"))
+        if cfg.sample.every and no_grid and (out_of_time or not stop["now"]):
+            draw_samples(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
+        log.close()
         if losses:
             plot_losses(losses, run_dir / "loss.png")
         why = "done"
-        if stop["now"] and time.monotonic() > deadline:
+        if stop["now"] and out_of_time:
             why = f"stopped: max_minutes={cfg.max_minutes} spent"
         elif stop["now"]:
             why = "stopped by SIGTERM" + ("" if stop["signal"] is not None else " (sent to another process)")
-        print(
-            f"{why} at step {state.step}: checkpoint {ckpt_root / 'last'}, samples {run_dir / 'samples'}, "
-            f"TensorBoard logs {run_dir / 'tb'}"
-        )
+        print(outputs_line(why, state.step, run_dir))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return TrainResult(run_dir, state.step, losses, accelerator.unwrap_model(model), ema_model)
 
 
-def should_stop(accelerator, local: bool) -> bool:
-    """True on every process when any process wants to stop (a SIGTERM may reach only one, and
-    clocks differ): all must leave the loop at the same step or the next collective hangs."""
+def any_process(accelerator, local: bool) -> bool:
+    """True on every process when `local` is true on any: a SIGTERM may reach only one process,
+    clocks differ, and a shard of weights may blow up on one; all must take the same branch at the
+    same step or the next collective (save_state, the loop's reductions) hangs."""
     if accelerator.num_processes == 1:
         return local
     flag = torch.tensor([float(local)], device=accelerator.device)
     return bool(accelerator.reduce(flag, "sum").item() > 0)
-
-
-def flat_hparams(cfg) -> dict:
-    """The config flattened to scalars, as TensorBoard's hparams want."""
-    flat = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                text = value if isinstance(value, (int, float, str, bool)) else str(value)
-                if not (isinstance(text, str) and len(text) > 200):  # e.g. a serialised tokenizer
-                    flat[f"{prefix}{key}"] = text
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)

@@ -1,5 +1,7 @@
 """The trainer end to end on a tiny model: learning, resuming, numerical faults."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,12 +76,29 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_cfg, monkeypatch):
         return loss * float("inf") if calls["n"] >= 7 else loss
 
     monkeypatch.setattr(GaussianVP, "loss", flaky)
-    cfg = tiny_cfg("steps=50", "save_every=4", "max_bad_steps=5")
-    with pytest.raises(FloatingPointError, match="5 non-finite steps in a row"):
+    cfg = tiny_cfg("steps=50", "save_every=2", "max_bad_steps=5")
+    root = Path(cfg.out_dir) / "t" / "checkpoints"
+    with pytest.raises(
+        FloatingPointError, match=rf"5 non-finite steps in a row .*last good checkpoint is {root}/step_00000006"
+    ):
         trainer.train(cfg)
-    # Steps 3-4 were skipped and training went on; the checkpoint left behind holds finite weights.
-    _, _, model = load_model(f"{cfg.out_dir}/t/checkpoints/last")
+    # Steps 3-4 were skipped and training went on; steps 7-11 stopped it. No checkpoint was written
+    # inside either streak (steps 4, 8, 10): the ones left hold finite weights.
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000006"]
+    _, _, model = load_model(root / "last")
     assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_a_blow_up_to_huge_weights_keeps_no_checkpoint_and_its_samples_warn(tiny_cfg):
+    # lr=1e30: step 1 throws the weights to ~1e30 (finite), every later loss is infinite.
+    blow_up = ["optim.lr=1e30", "optim.warmup_steps=1", "max_bad_steps=5", "save_every=5", "steps=50"]
+    cfg = tiny_cfg(*blow_up, "sample.every=5", "sample.n=2")
+    with (
+        pytest.raises(FloatingPointError, match="5 non-finite steps in a row .*no checkpoint was kept"),
+        pytest.warns(UserWarning, match=r"samples .*step_00000005 are degenerate \(\d+ of \d+ values are not finite"),
+    ):
+        trainer.train(cfg)
+    assert not list((Path(cfg.out_dir) / "t" / "checkpoints").glob("step_*"))
 
 
 def test_bf16_and_fp32_agree_on_a_tiny_model(tiny_cfg):
@@ -148,3 +167,16 @@ def test_sample_cli_refuses_a_request_the_model_cannot_take(tiny_cfg, tmp_path):
     ckpt = result.run_dir / "checkpoints" / "last"
     with pytest.raises(SystemExit, match=r"prompt= does not apply to this image model; it takes label="):
         sample(parse(SampleArgs, [f"ckpt={ckpt}", "n=2", "steps=2", "prompt=a red circle", f"out={tmp_path / 's'}"]))
+
+
+def test_sample_cli_warns_when_the_samples_are_degenerate(tiny_cfg, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from infer.cli import parse
+    from infer.sample import SampleArgs, sample
+
+    ckpt = trainer.train(tiny_cfg("steps=2")).run_dir / "checkpoints" / "last"
+    weights = load_file(ckpt / "model.safetensors")
+    save_file({k: v * 1e30 for k, v in weights.items()}, ckpt / "model.safetensors")  # a model that blew up
+    with pytest.warns(UserWarning, match=rf"samples from {ckpt} are degenerate"):
+        sample(parse(SampleArgs, [f"ckpt={ckpt}", "n=2", "steps=2", "device=cpu", f"out={tmp_path / 's'}"]))
