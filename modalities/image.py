@@ -113,6 +113,8 @@ class Image(Modality):
             labels = torch.full((n,), index)
         return {"label": labels.to(device)}
 
-    def evaluate(self, model, process, args, device):
+    def evaluate(self, model, process, args, device, reference=None):
         """Classifier label agreement and Fréchet distance (see modalities/image_metrics.py)."""
+        if reference is not None:
+            raise ValueError("reference= scores text samples; image models are scored by their own classifier")
         return evaluate_images(self, model, process, args, device)

@@ -376,6 +376,7 @@ def test_trainer_then_sampler_and_evaluator(tmp_path, capsys, text_run):
     from infer.cli import parse
     from infer.evaluate import EvalArgs, evaluate
     from infer.sample import SampleArgs, sample
+    from train.checkpoint import load_model
     from train.config import load_run_config
 
     result = text_run()
@@ -400,14 +401,17 @@ def test_trainer_then_sampler_and_evaluator(tmp_path, capsys, text_run):
                 "sampler=blocks",
                 "mc_timesteps=2",
                 f"data.path={heldout}",
+                f"reference={ckpt}",
                 f"out={tmp_path / 'eval.json'}",
             ],
         )
     )
+    assert metrics["generative_perplexity"] > 1  # infer/ loaded the reference and handed it over
     assert metrics["bits_per_char"] > 0 and metrics["heldout_tokens"] == 32 * (len(CORPUS) * 3 // 32)
     texts = ["the cat sat", "on the mat and the dog sat on the log"]
     args = OmegaConf.create({"seed": 0, "batch": 8, "mc_timesteps": 2})
-    assert generative_perplexity(texts, str(ckpt), args, torch.device("cpu")) > 1
+    reference = load_model(ckpt, "cpu")
+    assert generative_perplexity(texts, reference, args, torch.device("cpu")) > 1
 
 
 def test_autoregressive_sampling_reports_one_step_per_token(tmp_path, capsys, text_run):
