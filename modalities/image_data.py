@@ -196,7 +196,8 @@ class ImageFolder(Dataset):
 
     Args:
         background: RGB triple that transparent pixels are composited onto (see `as_shown`).
-        classes: the sub-folder names in the order of the labels (modality.classes); None: sorted.
+        classes: class names in the order of the labels (modality.classes), naming every sub-folder;
+            None: the sorted sub-folder names.
     """
 
     def __init__(self, root: str, size: int, channels: int = 3, background=(255, 255, 255), classes=None):
@@ -206,15 +207,14 @@ class ImageFolder(Dataset):
         self.size, self.channels, self.background = size, channels, tuple(background)
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         self.classes = tuple(p.name for p in subdirs) or ("all",)
-        if classes is not None:
-            if sorted(classes) != sorted(self.classes):
-                raise ValueError(
-                    f"modality.classes={list(classes)} must name the class folders of {root}: {list(self.classes)}"
-                )
+        if classes is not None:  # the user's names and order; a split may lack some of the classes
+            unnamed = sorted({p.name for p in subdirs} - set(classes))
+            if unnamed:
+                raise ValueError(f"{root}: class folders {unnamed} are not in modality.classes={list(classes)}")
             self.classes = tuple(classes)
-            subdirs = sorted(subdirs, key=lambda p: self.classes.index(p.name))
+        labels = [self.classes.index(p.name) for p in subdirs] or [0]
         self.items, self.skipped = [], []
-        for label, folder in enumerate(subdirs or [root]):
+        for label, folder in zip(labels, subdirs or [root]):
             for path in sorted(folder.rglob("*") if subdirs else folder.iterdir()):
                 if not path.is_file() or path.name == "captions.jsonl":
                     continue
