@@ -117,6 +117,7 @@ def main(argv=None) -> list[dict]:
         return x, model_fn.calls
 
     rows, skipped = [], []
+    reference = load_model(args.reference, device) if args.reference else None
     data_entropy = unigram_entropy(modality.heldout(args.heldout).ids, modality.vocab)
     for sampler in samplers:
         for steps in tqdm(args.steps, desc=sampler, leave=False):
@@ -145,7 +146,7 @@ def main(argv=None) -> list[dict]:
                 "network_calls": max(calls),
                 "sequences_per_s": round(args.n / timer.seconds, 3),
                 "generative_perplexity": (
-                    generative_perplexity(texts, args.reference, scoring, device) if args.reference else None
+                    generative_perplexity(texts, reference, scoring, device) if reference is not None else None
                 ),
                 "unigram_entropy_bits": round(unigram_entropy(samples, modality.vocab), 4),
                 "data_unigram_entropy_bits": round(data_entropy, 4),

@@ -60,6 +60,31 @@ def check_request(modality, request: dict) -> dict:
     return request
 
 
+# The valid values of the sampling keys (of SampleArgs and EvalArgs): key -> (test, range as told to the user)
+RANGES = {
+    "n": (lambda v: v >= 1, "at least 1"),
+    "batch": (lambda v: v >= 1, "at least 1"),
+    "steps": (lambda v: v >= 1, "at least 1"),
+    "mc_timesteps": (lambda v: v >= 1, "at least 1"),
+    # u + w (c - u) (Ho & Salimans 2022): 0 is unconditional, 1 no guidance, above 1 stronger guidance
+    "guidance": (lambda v: v >= 0, ">= 0 (0: unconditional, 1: no guidance, above 1: stronger)"),
+    "eta": (lambda v: 0 <= v <= 1, "in 0..1 (0: deterministic DDIM, 1: DDPM)"),
+    "block": (lambda v: v >= 1, "at least 1 token"),
+    "temperature": (lambda v: v > 0, "above 0"),
+    "top_k": (lambda v: v >= 1, "at least 1"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def check_ranges(args):
+    """Refuse a sampling value out of its range (RANGES), naming the key and the valid values,
+    instead of letting it change silently or fail deep inside a sampler."""
+    for key, (valid, told) in RANGES.items():
+        value = args.get(key)
+        if value is not None and not valid(value):
+            raise SystemExit(f"{key}={value} is out of range: {key} must be {told}")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,12 +93,19 @@ def pick_device(name: str) -> torch.device:
 
 def sampling_plan(args, cfg, modality, process, device, request: dict | None = None) -> tuple[int, str, float]:
     """(steps, sampler, guidance) a command will really use: the command line's, else the run's
-    `sample` settings. Reported as used: the process says how many steps it really takes (the
-    autoregressive baseline: one per token), and an unconditional model has nothing for guidance
-    to push towards."""
-    steps = process.sample_steps(args.steps or cfg.sample.steps, modality.sample_shape(1))
+    `sample` settings, after check_ranges. Reported as used: the process says how many steps it
+    really takes (the autoregressive baseline: one per token). An unconditional model has nothing for
+    guidance to push towards: the run's setting is then 1, and a guidance other than 1 asked on the
+    command line is refused."""
+    check_ranges(args)
+    steps = process.sample_steps(cfg.sample.steps if args.steps is None else args.steps, modality.sample_shape(1))
     sampler = args.sampler or cfg.sample.sampler or process.samplers[0]
     guidance = cfg.sample.guidance if args.guidance is None else args.guidance
     if not modality.sample_cond(1, device, **(request or {})):
+        if guidance != 1 and args.guidance is not None:
+            raise SystemExit(
+                f"guidance={args.guidance:g} needs a conditional model; this {modality.cfg.name} model "
+                "takes no condition to guide towards: drop guidance= (or set it to 1)"
+            )
         guidance = 1.0
     return steps, sampler, guidance

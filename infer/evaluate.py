@@ -50,7 +50,8 @@ def evaluate(args) -> dict:
     steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device)
     args = OmegaConf.merge(args, {"steps": steps, "sampler": sampler, "guidance": guidance})
     torch.manual_seed(args.seed)
-    metrics = modality.evaluate(model, process, args, device)
+    reference = load_model(args.reference, device) if args.reference else None
+    metrics = modality.evaluate(model, process, args, device, reference=reference)
     result = {
         "ckpt": str(args.ckpt),
         "sampler": args.sampler,

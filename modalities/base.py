@@ -108,9 +108,11 @@ class Modality:
         """Sizes the noise process needs from this modality (e.g. the vocabulary). Default: none."""
         return {}
 
-    def evaluate(self, model, process, args, device) -> dict:
+    def evaluate(self, model, process, args, device, reference=None) -> dict:
         """This modality's metrics for a trained model (see infer/evaluate.py for `args`):
-        a flat dict of name -> number. Default: none."""
+        a flat dict of name -> number. `reference` is (cfg, modality, model) of a checkpoint that
+        scores the samples, loaded by infer/ when the user names one (text: generative perplexity);
+        None otherwise. Default: none."""
         raise NotImplementedError(f"modality {self.cfg.name} has no evaluation yet")
 
     def sample_options(self, **request) -> dict:

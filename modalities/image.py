@@ -7,8 +7,11 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
+from PIL import ImageColor
 from torchvision.utils import save_image
 
+from diffusion import PROCESSES
+from diffusion.continuous import ContinuousProcess
 from modalities.base import DiffusionConfig, Modality, ModalityConfig
 from modalities.image_data import MNIST, ImageFolder, Shapes
 from modalities.image_metrics import evaluate_images
@@ -24,7 +27,10 @@ class ImageConfig(ModalityConfig):
     channels: int | None = None  # None: 1 for mnist, 3 otherwise
     conditional: bool = True  # train and sample with class labels (classifier-free guidance)
     shapes_items: int = 20000  # size of the built-in shapes training split (test: a tenth)
-    classes: list[str] | None = None  # filled from the data at the start of training
+    background: str = "white"  # folder: colour that transparent pixels are composited onto (name or #rrggbb)
+    # class names; kept when given (mnist: label i is classes[i]; folder: the sub-folder names), else
+    # filled from the data at the start of training (mnist: classes.txt beside the files, else 0..9)
+    classes: list[str] | None = None
 
 
 class Image(Modality):
@@ -35,12 +41,21 @@ class Image(Modality):
 
     def __init__(self, cfg, patch: int, data=None):
         super().__init__(cfg, patch, data)
+        continuous = sorted(name for name, cls in PROCESSES.items() if issubclass(cls, ContinuousProcess))
+        if cfg.process not in continuous:
+            raise ValueError(f"modality.process={cfg.process!r} does not model pixels; choose one of {continuous}")
         if cfg.dataset not in self.DATASETS:
             raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {self.DATASETS}")
         if cfg.dataset != "shapes" and not self.data_path:
             raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
         self.channels = cfg.channels or (1 if cfg.dataset == "mnist" else 3)
         self.grid = (cfg.size // patch, cfg.size // patch)
+        try:
+            self.background = ImageColor.getrgb(cfg.background)[:3]
+        except ValueError:
+            raise ValueError(
+                f"modality.background={cfg.background!r} is not a colour; use a name (white, black) or #rrggbb"
+            ) from None
 
     @property
     def classes(self) -> list[str]:
@@ -62,11 +77,19 @@ class Image(Modality):
             n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
             return Shapes(n, cfg.size, self.channels, seed=0 if split == "train" else 1)
         if cfg.dataset == "mnist":
-            return MNIST(self.data_path, split, cfg.size, self.channels)
+            return MNIST(self.data_path, split, cfg.size, self.channels, cfg.classes)
         root = Path(self.data_path)
-        return ImageFolder(root / split if (root / split).is_dir() else root, cfg.size, self.channels)
+        folder = root / split if (root / split).is_dir() else root
+        return ImageFolder(folder, cfg.size, self.channels, self.background, cfg.classes)
 
     def resolve(self, train_set) -> dict:
+        """The class names (the user's, when given: the data sets take them) and the channels."""
+        given = self.cfg.classes
+        if given is not None and list(given) != list(train_set.classes):
+            raise ValueError(
+                f"modality.classes={list(given)} does not match the {self.cfg.dataset} data set's classes "
+                f"{list(train_set.classes)}; drop modality.classes or name those"
+            )
         return {"classes": list(train_set.classes), "channels": self.channels}
 
     def cond(self, batch):
@@ -113,6 +136,8 @@ class Image(Modality):
             labels = torch.full((n,), index)
         return {"label": labels.to(device)}
 
-    def evaluate(self, model, process, args, device):
+    def evaluate(self, model, process, args, device, reference=None):
         """Classifier label agreement and Fréchet distance (see modalities/image_metrics.py)."""
+        if reference is not None:
+            raise ValueError("reference= scores text samples; image models are scored by their own classifier")
         return evaluate_images(self, model, process, args, device)

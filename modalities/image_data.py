@@ -1,4 +1,4 @@
-"""Image data sets: built-in coloured shapes (no download), MNIST idx files, image folders.
+"""Image data sets: built-in coloured shapes (no download), MNIST-format idx files, image folders.
 
 Every item is {"x": (C, H, W) float in [-1, 1], "label": int, "caption": str}.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
@@ -35,6 +35,24 @@ PLACES = {
     "centre": (0.5, 0.5),
 }
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's modes for 16-bit grey PNG and TIFF
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def as_shown(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """A decoded file as the 8-bit picture a viewer shows: EXIF orientation applied (camera photos
+    store it apart from the pixels), 16-bit grey scaled to the full 8-bit range (converting it to
+    "L" directly clips everything above 255 to white), and transparency composited onto
+    `background` (an RGB triple) instead of keeping whatever colour is stored under it.
+    16-bit grey is taken as 0..65535, also in mode "I", where older Pillow puts 16-bit PNGs."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT:
+        grey = np.asarray(image, dtype=np.float64) * (255 / 65535)
+        return Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+    if image.mode in ALPHA or "transparency" in image.info:  # alpha channel, or a palette / key colour
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return image
 
 
 def to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
@@ -117,11 +135,18 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 class MNIST(Dataset):
-    """MNIST from its original idx files in `root` (train-* and t10k-*), gzip or not."""
+    """A set in MNIST's idx format in `root` (train-* and t10k-* files, gzip or not): MNIST itself or
+    any other (Fashion-MNIST, KMNIST, ...).
 
-    classes = tuple(str(d) for d in range(10))
+    Args:
+        classes: class names, label i named classes[i] (modality.classes). None: the lines of
+            root/classes.txt if there is one, else the digits "0".."9". Captions name the class
+            ("the digit 3" for the digits, the name itself otherwise).
+    """
 
-    def __init__(self, root: str, split: str, size: int, channels: int = 1):
+    DIGITS = tuple(str(d) for d in range(10))
+
+    def __init__(self, root: str, split: str, size: int, channels: int = 1, classes: list[str] | None = None):
         prefix = "train" if split == "train" else "t10k"
         root = Path(root)
         found = {}
@@ -130,11 +155,26 @@ class MNIST(Dataset):
             path = next((p for p in candidates if p.exists()), None)
             if path is None:
                 raise FileNotFoundError(f"MNIST file {candidates[0]} not found (set data.path to the folder)")
-            found[kind] = read_idx(path)
-        self.images, self.labels = found["images-idx3-ubyte"], found["labels-idx1-ubyte"]
+            found[kind] = (path, read_idx(path))
+        (_, self.images), (labels_path, self.labels) = found["images-idx3-ubyte"], found["labels-idx1-ubyte"]
         if len(self.images) != len(self.labels):
             raise ValueError(f"{root}: {len(self.images)} images but {len(self.labels)} labels")
         self.size, self.channels = size, channels
+        listing = root / "classes.txt"
+        if classes is not None:
+            self.classes, source = tuple(classes), "modality.classes"
+        elif listing.exists():
+            names = listing.read_text(encoding="utf-8-sig").splitlines()
+            self.classes, source = tuple(n.strip() for n in names if n.strip()), str(listing)
+        else:
+            self.classes, source = self.DIGITS, "the default digit classes"
+        top = int(self.labels.max()) if len(self.labels) else -1
+        if top >= len(self.classes):
+            raise ValueError(
+                f"{labels_path} has labels up to {top} but {source} names {len(self.classes)} classes; "
+                f"name one class per label 0..{top} (modality.classes=[...] or a classes.txt, one per line)"
+            )
+        self.caption = "the digit {}" if self.classes == self.DIGITS else "{}"
 
     def __len__(self):
         return len(self.labels)
@@ -144,25 +184,37 @@ class MNIST(Dataset):
         return {
             "x": to_tensor(Image.fromarray(self.images[i]), self.size, self.channels),
             "label": label,
-            "caption": f"the digit {label}",
+            "caption": self.caption.format(self.classes[label]),
         }
 
 
 class ImageFolder(Dataset):
     """Images in class sub-folders (root/<class>/*.png), or flat (one class), with optional
     captions in root/captions.jsonl ({"file": "<relative path>", "caption": "..."} per line).
-    Files without an image extension are listed in `skipped`; files that fail to decode raise
-    BadSample when read."""
+    Files without an image extension are listed in `skipped`; files that fail to decode, or whose
+    header claims more pixels than Pillow's decompression-bomb limit, raise BadSample when read.
 
-    def __init__(self, root: str, size: int, channels: int = 3):
+    Args:
+        background: RGB triple that transparent pixels are composited onto (see `as_shown`).
+        classes: class names in the order of the labels (modality.classes), naming every sub-folder;
+            None: the sorted sub-folder names.
+    """
+
+    def __init__(self, root: str, size: int, channels: int = 3, background=(255, 255, 255), classes=None):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (data.path)")
-        self.size, self.channels = size, channels
+        self.size, self.channels, self.background = size, channels, tuple(background)
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         self.classes = tuple(p.name for p in subdirs) or ("all",)
+        if classes is not None:  # the user's names and order; a split may lack some of the classes
+            unnamed = sorted({p.name for p in subdirs} - set(classes))
+            if unnamed:
+                raise ValueError(f"{root}: class folders {unnamed} are not in modality.classes={list(classes)}")
+            self.classes = tuple(classes)
+        labels = [self.classes.index(p.name) for p in subdirs] or [0]
         self.items, self.skipped = [], []
-        for label, folder in enumerate(subdirs or [root]):
+        for label, folder in zip(labels, subdirs or [root]):
             for path in sorted(folder.rglob("*") if subdirs else folder.iterdir()):
                 if not path.is_file() or path.name == "captions.jsonl":
                     continue
@@ -191,7 +243,7 @@ class ImageFolder(Dataset):
         try:
             with Image.open(path) as image:
                 image.load()
-                x = to_tensor(image, self.size, self.channels)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                x = to_tensor(as_shown(image, self.background), self.size, self.channels)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             raise BadSample(path, f"cannot decode image ({type(e).__name__}: {e})") from e
         return {"x": x, "label": label, "caption": self.captions.get(str(path), "")}

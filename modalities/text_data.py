@@ -151,42 +151,74 @@ def builtin_corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
+def universal_newlines(text: str) -> str:
+    """CRLF and lone CR line ends as \\n, as Python's text mode reads files (old corpora end lines with
+    CR alone); otherwise \\r would enter the vocabulary and the samples."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_text(path: Path) -> str:
-    """A UTF-8 text file's contents; empty, binary or undecodable files raise ValueError naming the file."""
+    """A UTF-8 text file's contents with a leading byte-order mark dropped and universal newlines;
+    empty, binary or undecodable files raise ValueError naming the file."""
     data = path.read_bytes()
-    if not data.strip():
-        raise ValueError(f"{path}: empty text file")
     if b"\x00" in data[:8192]:
         raise ValueError(f"{path}: binary file (NUL bytes), not text")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # -sig: a leading BOM is dropped, not read as U+FEFF
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from e
+    if not text.strip():
+        raise ValueError(f"{path}: empty text file")
+    return universal_newlines(text)
 
 
-def read_jsonl(path: Path) -> list[str]:
-    """The "text" field of every line of a JSONL file."""
-    texts = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+def tolerate(bad: list[str], total: int, max_bad: float, what: str):
+    """Warn about each of the `bad` items ("where: reason") while they are at most `max_bad` of the
+    `total` and not all of them; otherwise raise ValueError listing the first ones."""
+    if bad and (len(bad) == total or len(bad) > max_bad * total):
+        listed = "\n  ".join(bad[:20])
+        raise ValueError(
+            f"{len(bad)} of {total} {what} cannot be read (more than data.bad_threshold={max_bad}); "
+            f"fix or remove them:\n  {listed}"
+        )
+    for report in bad:
+        warnings.warn(f"skipped unreadable {report}", stacklevel=3)
+
+
+def read_jsonl(path: Path, max_bad: float = 0.01) -> tuple[list[str], list[str]]:
+    """The "text" field of every line of a JSONL file (universal newlines inside it too). Lines that
+    are not JSON or have no string "text" are skipped and reported while they are at most `max_bad`
+    of the records, as unreadable files are in a folder.
+
+    Returns:
+        (texts, skipped) with skipped as "path:line: reason" strings.
+    """
+    texts, skipped, records = [], [], 0
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
+        records += 1
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
+            skipped.append(f"{path}:{number}: not JSON ({e.msg})")
+            continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'{path}:{number}: no string "text" field')
-        texts.append(record["text"])
-    if not texts:
+            skipped.append(f'{path}:{number}: no string "text" field')
+            continue
+        texts.append(universal_newlines(record["text"]))
+    if not records:
         raise ValueError(f"{path}: no records")
-    return texts
+    tolerate(skipped, records, max_bad, f"lines of {path}")
+    return texts, skipped
 
 
 def read_corpus(path: str | None, max_bad: float = 0.01) -> tuple[list[str], list[str]]:
     """The documents at `path` (None: the built-in corpus).
 
-    In a folder, unreadable *.txt files are skipped and reported with their paths while they are
-    at most `max_bad` of the files; beyond that, or when none is readable, ValueError names them.
+    Unreadable *.txt files in a folder, and bad lines of a JSONL file, are skipped and reported with
+    their paths while they are at most `max_bad` of the files (lines); beyond that, or when none is
+    readable, ValueError names them.
     Returns:
         (texts, skipped) with skipped as "path: reason" strings.
     """
@@ -196,7 +228,7 @@ def read_corpus(path: str | None, max_bad: float = 0.01) -> tuple[list[str], lis
     if not root.exists():
         raise FileNotFoundError(f"data.path={path}: no such file or folder")
     if root.is_file():
-        return (read_jsonl(root) if root.suffix == ".jsonl" else [read_text(root)]), []
+        return read_jsonl(root, max_bad) if root.suffix == ".jsonl" else ([read_text(root)], [])
     files = sorted(root.rglob("*.txt"))
     if not files:
         raise ValueError(f"data.path={path}: no *.txt files in this folder")
@@ -206,14 +238,7 @@ def read_corpus(path: str | None, max_bad: float = 0.01) -> tuple[list[str], lis
             texts.append(read_text(file))
         except (ValueError, OSError) as e:
             skipped.append(str(e))
-    if skipped and (not texts or len(skipped) > max_bad * len(files)):
-        listed = "\n  ".join(skipped[:20])
-        raise ValueError(
-            f"{len(skipped)} of {len(files)} text files in {path} cannot be read "
-            f"(more than data.bad_threshold={max_bad}); fix or remove them:\n  {listed}"
-        )
-    for report in skipped:
-        warnings.warn(f"skipped unreadable text file {report}", stacklevel=2)
+    tolerate(skipped, len(files), max_bad, f"text files in {path}")
     return texts, skipped
 
 

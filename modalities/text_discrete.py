@@ -131,15 +131,16 @@ class TextDiscrete(Modality):
         ids = self._tokenizer().encode(SEPARATOR.join(texts))
         return TokenChunks(ids, self.cfg.seq_len, self.tokenizer, skipped)
 
-    def evaluate(self, model, process, args, device) -> dict:
+    def evaluate(self, model, process, args, device, reference=None) -> dict:
         """Held-out likelihood and sample quality.
 
         nll_nats_per_token: the process's `nll` over the held-out sequences (args.mc_timesteps
         Monte-Carlo times, seeded by args.seed): an upper bound for diffusion, exact for the
         autoregressive baseline; bits_per_token, bits_per_char and perplexity follow from it.
         Sample quality: unigram entropy of args.n samples beside that of the held-out text (collapse
-        into repetition shows as a lower entropy) and, when args.reference names a text
-        checkpoint (the autoregressive baseline), the generative perplexity of the decoded samples under it.
+        into repetition shows as a lower entropy) and, when `reference` is given (a text checkpoint
+        loaded by infer/: the autoregressive baseline), the generative perplexity of the decoded samples
+        under it.
         """
         model_fn, heldout = self.model_fn(model), self.heldout(args.data.path)
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -174,8 +175,8 @@ class TextDiscrete(Modality):
         )
         metrics["sample_unigram_entropy_bits"] = unigram_entropy(samples, self.vocab)
         metrics["data_unigram_entropy_bits"] = unigram_entropy(heldout.ids[:n_tokens], self.vocab)
-        if args.reference:
-            metrics["generative_perplexity"] = generative_perplexity(self.decode(samples), args.reference, args, device)
+        if reference is not None:
+            metrics["generative_perplexity"] = generative_perplexity(self.decode(samples), reference, args, device)
         return metrics
 
 
@@ -191,13 +192,17 @@ def unigram_entropy(ids, vocab: int) -> float:
     return float(-(p * p.log2()).sum())
 
 
-def generative_perplexity(texts: list[str], ckpt: str, args, device) -> float:
-    """exp(mean nats per token) of `texts` under the text model in checkpoint `ckpt`, each text
-    re-encoded with that model's tokenizer and cut to its seq_len (Sahoo et al. 2024 score samples
-    under GPT-2 the same way). Exact for an autoregressive reference."""
-    from train.checkpoint import load_model  # train.checkpoint imports the modality registry
+def generative_perplexity(texts: list[str], reference, args, device) -> float:
+    """exp(mean nats per token) of `texts` under a text model, each text re-encoded with that model's
+    tokenizer and cut to its seq_len (Sahoo et al. 2024 score samples under GPT-2 the same way).
+    Exact for an autoregressive reference.
 
-    cfg, modality, model = load_model(ckpt, device)
+    Args:
+        reference: (cfg, modality, model) of the scoring checkpoint, as infer/ loads it (modalities
+            never load checkpoints themselves: train/ and infer/ import modalities, not the reverse).
+        args: seed, batch and mc_timesteps (the reference's timesteps, if it is a diffusion model).
+    """
+    cfg, modality, model = reference
     process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
     by_length: dict[int, list[list[int]]] = {}
     for text in texts:

@@ -364,6 +364,38 @@ def test_jsonl_corpus_and_its_errors(tmp_path):
         read_corpus(str(bad))
 
 
+def test_a_bad_jsonl_line_is_skipped_and_counted_under_the_threshold(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [f'{{"text": "doc {i}"}}' for i in range(150)]
+    corpus.write_text("\n".join(lines[:70] + ["{not json"] + lines[70:]) + "\n")
+    cfg = OmegaConf.structured(TextDiscreteConfig(seq_len=16))
+    modality = TextDiscrete(cfg, patch=1, data=OmegaConf.create({"path": str(corpus), "bad_threshold": 0.01}))
+    with pytest.warns(UserWarning, match=f"{corpus}:71: not JSON"):
+        chunks = modality.dataset("train")
+    assert chunks.skipped == [f"{corpus}:71: not JSON (Expecting property name enclosed in double quotes)"]
+    assert "doc 149" in modality.tokenizer.decode(modality.dataset("test").ids.tolist())  # the rest was read
+    corpus.write_text('{"text": "ok"}\n{"body": 1}\n{"text": 2}\n')  # 2 of 3 bad: over the threshold
+    with pytest.raises(ValueError, match=rf"2 of 3 lines of {corpus} cannot be read .*data.bad_threshold=0.01") as e:
+        read_corpus(str(corpus))
+    assert f"{corpus}:2" in str(e.value) and f"{corpus}:3" in str(e.value)
+
+
+def test_byte_order_mark_and_cr_line_ends_are_read_as_universal_newlines(tmp_path):
+    text = b"\xef\xbb\xbfFirst line\rsecond line\r\nthird line\n"
+    (tmp_path / "old.txt").write_bytes(text)
+    assert read_corpus(str(tmp_path / "old.txt"))[0] == ["First line\nsecond line\nthird line\n"]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_bytes(text)
+    assert read_corpus(str(tmp_path / "folder"))[0] == ["First line\nsecond line\nthird line\n"]
+    (tmp_path / "old.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a\\rb\\r\\nc"}\r{"text": "d"}\r')
+    assert read_corpus(str(tmp_path / "old.jsonl"))[0] == ["a\nb\nc", "d"]
+    modality, train_set = text_modality(tmp_path)
+    (tmp_path / "corpus.txt").write_bytes(text + text[3:] * 20)  # one BOM, at the start
+    modality.tokenizer = None
+    vocabulary = modality.dataset("train").tokenizer.chars
+    assert "\ufeff" not in vocabulary and "\r" not in vocabulary and "\n" in vocabulary
+
+
 def test_text_modality_needs_a_token_process():
     with pytest.raises(ValueError, match="autoregressive"):
         TextDiscrete(OmegaConf.structured(TextDiscreteConfig(process="gaussian")), patch=1)
@@ -376,6 +408,7 @@ def test_trainer_then_sampler_and_evaluator(tmp_path, capsys, text_run):
     from infer.cli import parse
     from infer.evaluate import EvalArgs, evaluate
     from infer.sample import SampleArgs, sample
+    from train.checkpoint import load_model
     from train.config import load_run_config
 
     result = text_run()
@@ -400,14 +433,17 @@ def test_trainer_then_sampler_and_evaluator(tmp_path, capsys, text_run):
                 "sampler=blocks",
                 "mc_timesteps=2",
                 f"data.path={heldout}",
+                f"reference={ckpt}",
                 f"out={tmp_path / 'eval.json'}",
             ],
         )
     )
+    assert metrics["generative_perplexity"] > 1  # infer/ loaded the reference and handed it over
     assert metrics["bits_per_char"] > 0 and metrics["heldout_tokens"] == 32 * (len(CORPUS) * 3 // 32)
     texts = ["the cat sat", "on the mat and the dog sat on the log"]
     args = OmegaConf.create({"seed": 0, "batch": 8, "mc_timesteps": 2})
-    assert generative_perplexity(texts, str(ckpt), args, torch.device("cpu")) > 1
+    reference = load_model(ckpt, "cpu")
+    assert generative_perplexity(texts, reference, args, torch.device("cpu")) > 1
 
 
 def test_autoregressive_sampling_reports_one_step_per_token(tmp_path, capsys, text_run):
