@@ -12,6 +12,7 @@ import torchaudio.transforms as T
 from einops import rearrange
 
 from modalities.audio_data import AudioFolder, Tones
+from modalities.audio_metrics import Spectrograms, evaluate_audio
 from modalities.audio_plot import save_spectrograms
 from modalities.base import DiffusionConfig, Modality, ModalityConfig
 from modalities.data import BadSample
@@ -106,6 +107,15 @@ class Audio(Modality):
             list(cfg.test_speakers),
             cfg.test_share,
         )
+
+    def classifier_data(self, split: str):
+        return Spectrograms(self, self.dataset(split))
+
+    def classifier_key(self) -> dict:
+        keys = ("sample_rate", "seconds", "n_fft", "hop", "n_mels", "log_floor", "labels", "test_share")
+        # lists as plain lists for JSON; the classifier reads normalised log-mels, so the statistics count
+        lists = {k: list(self.cfg[k]) for k in ("test_speakers", "mel_mean", "mel_std")}
+        return {**super().classifier_key(), **{k: self.cfg[k] for k in keys}, **lists}
 
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         """(B, samples) waveforms -> (B, n_mels, frames) log-mel magnitudes (natural log, floored)."""
@@ -203,3 +213,7 @@ class Audio(Modality):
                 raise ValueError(f"label={label!r} is not a class of this model: {classes} (or 0..{len(classes) - 1})")
             labels = torch.full((n,), index)
         return {"label": labels.to(device)}
+
+    def evaluate(self, model, process, args, device):
+        """Classifier label agreement, Fréchet distance and Griffin-Lim round trip (modalities/audio_metrics.py)."""
+        return evaluate_audio(self, model, process, args, device)

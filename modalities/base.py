@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -112,6 +113,21 @@ class Modality:
         """This modality's metrics for a trained model (see infer/evaluate.py for `args`):
         a flat dict of name -> number. Default: none."""
         raise NotImplementedError(f"modality {self.cfg.name} has no evaluation yet")
+
+    def classifier_data(self, split: str):
+        """What the shared evaluation classifier (modalities/image_metrics.py) learns and scores:
+        a Dataset of {"x": (C, H, W) with H, W in 16..64, "label": int} with a `classes` attribute.
+        Default: dataset(split), right for images."""
+        return self.dataset(split)
+
+    def classifier_key(self) -> dict:
+        """What identifies classifier_data for the classifier's cache (item counts and classes are
+        added to it). Default: the modality, its data set and data path."""
+        return {
+            "modality": self.cfg.name,
+            "dataset": getattr(self.cfg, "dataset", None),
+            "path": self.data_path and str(Path(self.data_path).resolve()),
+        }
 
     def sample_options(self, **request) -> dict:
         """Extra keyword arguments for the process's sample() from the user's request

@@ -66,6 +66,10 @@ class Image(Modality):
         root = Path(self.data_path)
         return ImageFolder(root / split if (root / split).is_dir() else root, cfg.size, self.channels)
 
+    def classifier_key(self) -> dict:
+        path = self.data_path and str(Path(self.data_path).resolve())
+        return {"dataset": self.cfg.dataset, "size": self.cfg.size, "channels": self.channels, "path": path}
+
     def resolve(self, train_set) -> dict:
         return {"classes": list(train_set.classes), "channels": self.channels}
 
