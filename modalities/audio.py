@@ -83,13 +83,18 @@ class Audio(Modality):
 
     def check(self, backbone):
         cfg, p = self.cfg, backbone.patch
-        if cfg.n_mels % p or self.frames % p:
-            ok = [q for q in (1, 2, 4, 8) if cfg.n_mels % q == 0 and self.frames % q == 0]
+        fixes = []
+        if self.frames % p:
             seconds = math.ceil(self.frames / p) * p * cfg.hop / cfg.sample_rate
+            fixes.append(f"modality.seconds={seconds:g}")
+        if cfg.n_mels % p:
+            fixes.append(f"modality.n_mels={math.ceil(cfg.n_mels / p) * p}")
+        if fixes:
+            ok = [q for q in (1, 2, 4, 8) if cfg.n_mels % q == 0 and self.frames % q == 0]
             raise ValueError(
                 f"backbone.patch={p} must divide modality.n_mels={cfg.n_mels} and the {self.frames} frames of "
-                f"modality.seconds={cfg.seconds} at sample_rate={cfg.sample_rate}, hop={cfg.hop}; use backbone.patch "
-                f"in {ok}, or modality.seconds={seconds:g} with modality.n_mels a multiple of {p}"
+                f"modality.seconds={cfg.seconds} (sample_rate={cfg.sample_rate}, hop={cfg.hop}); use backbone.patch "
+                f"in {ok}, or {' and '.join(fixes)}"
             )
 
     # --- data ---------------------------------------------------------------------------

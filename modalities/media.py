@@ -26,8 +26,9 @@ AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus", ".aac"}
 def read_audio(path, sample_rate: int) -> torch.Tensor:
     """Decode an audio file to mono float samples at `sample_rate`.
 
-    FFmpeg's resampler (through PyAV) folds stereo or multi-channel audio to mono and converts
-    any other rate, so no file is dropped for its format.
+    FFmpeg's resampler (through PyAV) converts any other rate, so no file is dropped for its
+    format; channels are averaged to mono here (FFmpeg's own downmix adds them at -3 dB, which
+    would make a stereo file louder than the same sound in mono).
 
     Args:
         path: an audio file PyAV can open (wav, flac, mp3, ogg, m4a, ...).
@@ -37,15 +38,15 @@ def read_audio(path, sample_rate: int) -> torch.Tensor:
     Raises:
         BadSample: the file cannot be decoded or holds no audio samples.
     """
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate)  # planar: (channels, samples) frames
     chunks = []
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise BadSample(path, "no audio stream")
             for frame in container.decode(audio=0):
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # flush the resampler
+                chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+        chunks += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]  # flush the resampler
     except (av.FFmpegError, ValueError, OSError) as e:
         raise BadSample(path, f"cannot decode audio ({type(e).__name__}: {e})") from e
     if not chunks or sum(len(c) for c in chunks) == 0:
