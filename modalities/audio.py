@@ -14,7 +14,7 @@ from einops import rearrange
 from modalities.audio_data import AudioFolder, Tones
 from modalities.audio_metrics import Spectrograms, evaluate_audio
 from modalities.audio_plot import save_spectrograms
-from modalities.base import DiffusionConfig, Modality, ModalityConfig
+from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_cond
 from modalities.data import BadSample
 from modalities.media import write_wav
 
@@ -205,19 +205,7 @@ class Audio(Modality):
         return (n, 1, self.cfg.n_mels, self.frames)
 
     def sample_cond(self, n, device, label=None, **request):
-        if not self.cfg.conditional:
-            if label is not None:
-                raise ValueError("this model was trained without labels (modality.conditional=false); drop label=")
-            return {}
-        classes = self.classes
-        if label is None:
-            labels = torch.arange(n) % len(classes)  # a grid that cycles through the classes
-        else:
-            index = classes.index(str(label)) if str(label) in classes else label
-            if not isinstance(index, int) or not 0 <= index < len(classes):
-                raise ValueError(f"label={label!r} is not a class of this model: {classes} (or 0..{len(classes) - 1})")
-            labels = torch.full((n,), index)
-        return {"label": labels.to(device)}
+        return label_cond(self.cfg, self.classes if self.cfg.conditional else [], n, device, label)
 
     def evaluate(self, model, process, args, device):
         """Classifier label agreement, Fréchet distance and Griffin-Lim round trip (modalities/audio_metrics.py)."""

@@ -26,6 +26,27 @@ class ModalityConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
+def label_cond(cfg, classes: list[str], n: int, device, label=None) -> dict:
+    """Class labels for n samples of a class-conditional modality (cfg.conditional): `label` (an
+    index or a class name) for all, or, when None, labels cycling through the classes.
+
+    Returns:
+        {"label": (n,) long} on device, or {} for an unconditional model.
+    """
+    if not cfg.conditional:
+        if label is not None:
+            raise ValueError("this model was trained without labels (modality.conditional=false); drop label=")
+        return {}
+    if label is None:
+        labels = torch.arange(n) % len(classes)  # a grid that cycles through the classes
+    else:
+        index = classes.index(str(label)) if str(label) in classes else label
+        if not isinstance(index, int) or not 0 <= index < len(classes):
+            raise ValueError(f"label={label!r} is not a class of this model: {classes} (or 0..{len(classes) - 1})")
+        labels = torch.full((n,), index)
+    return {"label": labels.to(device)}
+
+
 class Modality:
     """One kind of data. Subclasses set `Config` and implement the methods below.
 

@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torchvision.utils import save_image
 
-from modalities.base import DiffusionConfig, Modality, ModalityConfig
+from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_cond
 from modalities.image_data import MNIST, ImageFolder, Shapes
 from modalities.image_metrics import evaluate_images
 
@@ -103,19 +103,7 @@ class Image(Modality):
         return (n, self.channels, self.cfg.size, self.cfg.size)
 
     def sample_cond(self, n, device, label=None, **request):
-        if not self.cfg.conditional:
-            if label is not None:
-                raise ValueError("this model was trained without labels (modality.conditional=false); drop label=")
-            return {}
-        classes = self.classes
-        if label is None:
-            labels = torch.arange(n) % len(classes)  # a grid that cycles through the classes
-        else:
-            index = classes.index(str(label)) if str(label) in classes else label
-            if not isinstance(index, int) or not 0 <= index < len(classes):
-                raise ValueError(f"label={label!r} is not a class of this model: {classes} (or 0..{len(classes) - 1})")
-            labels = torch.full((n,), index)
-        return {"label": labels.to(device)}
+        return label_cond(self.cfg, self.classes if self.cfg.conditional else [], n, device, label)
 
     def evaluate(self, model, process, args, device):
         """Classifier label agreement and Fréchet distance (see modalities/image_metrics.py)."""
