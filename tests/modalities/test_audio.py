@@ -162,3 +162,15 @@ def test_sampling_under_a_seed_is_deterministic(tiny_run):
     first = draw(0)
     assert first.shape == (2, modality.length) and torch.equal(first, draw(0))
     assert not torch.equal(first, draw(1))
+
+
+def test_evaluate_scores_samples_with_a_cached_spectrogram_classifier(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path))
+    cfg, modality, model = load_model(tiny_run.run_dir / "checkpoints" / "last")
+    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    args = OmegaConf.create({"n": 8, "batch": 8, "steps": 4, "sampler": "ddim", "guidance": 2.0, "seed": 0})
+    metrics = modality.evaluate(model, process, args, "cpu")
+    assert metrics["classifier_test_accuracy"] > 0.6  # four timbres a listener tells apart; chance is 0.25
+    assert 0 <= metrics["label_agreement"] <= 1 and metrics["frechet_distance"] > 0
+    assert metrics["roundtrip_log_spectral_distance_db"] > 0  # 16 mel bins, 4 iterations: no bound here
+    assert len(list(tmp_path.glob("classifier-*.safetensors"))) == 1
