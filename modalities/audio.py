@@ -68,7 +68,7 @@ class Audio(Modality):
             mel_scale="slaney",
         )
         self.inverse_mel = T.InverseMelScale(
-            cfg.n_fft // 2 + 1, cfg.n_mels, cfg.sample_rate, norm="slaney", mel_scale="slaney", driver="gelsd"
+            cfg.n_fft // 2 + 1, cfg.n_mels, cfg.sample_rate, norm="slaney", mel_scale="slaney"
         )
         # rand_init=False starts from zero phase, so a decoded sample is a function of x0 alone
         self.griffin_lim = T.GriffinLim(
