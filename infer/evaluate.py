@@ -50,6 +50,8 @@ def evaluate(args) -> dict:
     steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device)
     args = OmegaConf.merge(args, {"steps": steps, "sampler": sampler, "guidance": guidance})
     torch.manual_seed(args.seed)
+    if args.reference and not modality.scored_by_reference:
+        raise SystemExit(f"reference= scores text samples; a {cfg.modality.name} model is scored by its own metrics")
     reference = load_model(args.reference, device) if args.reference else None
     metrics = modality.evaluate(model, process, args, device, reference=reference)
     result = {

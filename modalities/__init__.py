@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from modalities.audio import Audio
 from modalities.image import Image
 from modalities.text_discrete import TextDiscrete
 
 MODALITIES = {
+    "audio": Audio,
     "image": Image,
     "text_discrete": TextDiscrete,
 }

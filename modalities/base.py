@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -25,6 +26,27 @@ class ModalityConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
+def label_cond(cfg, classes: list[str], n: int, device, label=None) -> dict:
+    """Class labels for n samples of a class-conditional modality (cfg.conditional): `label` (an
+    index or a class name) for all, or, when None, labels cycling through the classes.
+
+    Returns:
+        {"label": (n,) long} on device, or {} for an unconditional model.
+    """
+    if not cfg.conditional:
+        if label is not None:
+            raise ValueError("this model was trained without labels (modality.conditional=false); drop label=")
+        return {}
+    if label is None:
+        labels = torch.arange(n) % len(classes)  # a grid that cycles through the classes
+    else:
+        index = classes.index(str(label)) if str(label) in classes else label
+        if not isinstance(index, int) or not 0 <= index < len(classes):
+            raise ValueError(f"label={label!r} is not a class of this model: {classes} (or 0..{len(classes) - 1})")
+        labels = torch.full((n,), index)
+    return {"label": labels.to(device)}
+
+
 class Modality:
     """One kind of data. Subclasses set `Config` and implement the methods below.
 
@@ -38,6 +60,9 @@ class Modality:
     # What a user may ask of sampling (infer/sample.py's label=, prompt=, ...): those keys reach
     # sample_cond and sample_options; any other key is refused naming these.
     requests: tuple[str, ...] = ()
+    # Whether evaluation can score samples with another checkpoint (infer/evaluate.py's reference=,
+    # e.g. generative perplexity of text); where not, reference= is refused.
+    scored_by_reference = False
 
     def __init__(self, cfg, patch: int, data=None):
         # data: the run's `data` config; its path (None: the modality's built-in data) and the
@@ -114,6 +139,21 @@ class Modality:
         scores the samples, loaded by infer/ when the user names one (text: generative perplexity);
         None otherwise. Default: none."""
         raise NotImplementedError(f"modality {self.cfg.name} has no evaluation yet")
+
+    def classifier_data(self, split: str):
+        """What the shared evaluation classifier (modalities/image_metrics.py) learns and scores:
+        a Dataset of {"x": (C, H, W) with H, W in 16..64, "label": int} with a `classes` attribute.
+        Default: dataset(split), right for images."""
+        return self.dataset(split)
+
+    def classifier_key(self) -> dict:
+        """What identifies classifier_data for the classifier's cache (item counts and classes are
+        added to it). Default: the modality, its data set and data path."""
+        return {
+            "modality": self.cfg.name,
+            "dataset": getattr(self.cfg, "dataset", None),
+            "path": self.data_path and str(Path(self.data_path).resolve()),
+        }
 
     def sample_options(self, **request) -> dict:
         """Extra keyword arguments for the process's sample() from the user's request

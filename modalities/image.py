@@ -12,7 +12,7 @@ from torchvision.utils import save_image
 
 from diffusion import PROCESSES
 from diffusion.continuous import ContinuousProcess
-from modalities.base import DiffusionConfig, Modality, ModalityConfig
+from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_cond
 from modalities.image_data import MNIST, ImageFolder, Shapes
 from modalities.image_metrics import evaluate_images
 
@@ -82,6 +82,10 @@ class Image(Modality):
         folder = root / split if (root / split).is_dir() else root
         return ImageFolder(folder, cfg.size, self.channels, self.background, cfg.classes)
 
+    def classifier_key(self) -> dict:
+        path = self.data_path and str(Path(self.data_path).resolve())
+        return {"dataset": self.cfg.dataset, "size": self.cfg.size, "channels": self.channels, "path": path}
+
     def resolve(self, train_set) -> dict:
         """The class names (the user's, when given: the data sets take them) and the channels."""
         given = self.cfg.classes
@@ -122,22 +126,8 @@ class Image(Modality):
         return (n, self.channels, self.cfg.size, self.cfg.size)
 
     def sample_cond(self, n, device, label=None, **request):
-        if not self.cfg.conditional:
-            if label is not None:
-                raise ValueError("this model was trained without labels (modality.conditional=false); drop label=")
-            return {}
-        classes = self.classes
-        if label is None:
-            labels = torch.arange(n) % len(classes)  # a grid that cycles through the classes
-        else:
-            index = classes.index(str(label)) if str(label) in classes else label
-            if not isinstance(index, int) or not 0 <= index < len(classes):
-                raise ValueError(f"label={label!r} is not a class of this model: {classes} (or 0..{len(classes) - 1})")
-            labels = torch.full((n,), index)
-        return {"label": labels.to(device)}
+        return label_cond(self.cfg, self.classes if self.cfg.conditional else [], n, device, label)
 
     def evaluate(self, model, process, args, device, reference=None):
         """Classifier label agreement and Fréchet distance (see modalities/image_metrics.py)."""
-        if reference is not None:
-            raise ValueError("reference= scores text samples; image models are scored by their own classifier")
         return evaluate_images(self, model, process, args, device)

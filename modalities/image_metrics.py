@@ -122,18 +122,14 @@ def train_classifier(
 
 
 def get_classifier(modality, device, epochs: int = 1):
-    """The classifier of `modality`'s data set and its test accuracy: from the cache when the
-    same data set (kind, path, size, channels, item counts, classes) was seen before, else
+    """The classifier of `modality`'s evaluation data (its `classifier_data`) and its test accuracy:
+    from the cache when the same data (`classifier_key`, item counts, classes) was seen before, else
     trained and cached. Weights are safetensors, never pickle."""
-    cfg = modality.cfg
-    train_set, test_set = modality.dataset("train"), modality.dataset("test")
+    train_set, test_set = modality.classifier_data("train"), modality.classifier_data("test")
     description = {
         "recipe": RECIPE,
         "epochs": epochs,
-        "dataset": cfg.dataset,
-        "size": cfg.size,
-        "channels": modality.channels,
-        "path": modality.data_path and str(Path(modality.data_path).resolve()),
+        **modality.classifier_key(),
         "items": [len(train_set), len(test_set)],
         "classes": list(train_set.classes),
     }
@@ -141,7 +137,7 @@ def get_classifier(modality, device, epochs: int = 1):
     cache = Path(os.environ.get("POLYDIFF_CACHE") or Path.home() / ".cache" / "polydiff")
     weights, info = cache / f"classifier-{key}.safetensors", cache / f"classifier-{key}.json"
     if weights.exists() and info.exists():
-        model = Classifier(modality.channels, len(train_set.classes))
+        model = Classifier(train_set[0]["x"].shape[0], len(train_set.classes))
         model.load_state_dict(load_file(weights))  # strict: a stale file fails loudly
         return model.to(device).eval(), json.loads(info.read_text())["test_accuracy"]
     model, accuracy = train_classifier(train_set, test_set, epochs=epochs, device=device)

@@ -41,6 +41,7 @@ class TextDiscreteConfig(ModalityConfig):
 class TextDiscrete(Modality):
     Config = TextDiscreteConfig
     requests = ("prompt",)
+    scored_by_reference = True
 
     def __init__(self, cfg, patch: int, data=None):
         super().__init__(cfg, patch, data)
