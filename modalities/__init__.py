@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from modalities.image import Image
 from modalities.text_discrete import TextDiscrete
+from modalities.video import Video
 
 MODALITIES = {
     "image": Image,
     "text_discrete": TextDiscrete,
+    "video": Video,
 }
 
 
