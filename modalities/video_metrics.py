@@ -99,11 +99,16 @@ def evaluate_videos(modality, model, process, args, device) -> dict:
     preds, moves = torch.cat(preds), torch.cat(moves)
 
     test = modality.dataset("test")
-    real = torch.stack([(test[i]["x"] + 1) / 2 for i in range(min(len(test), MAX_REFERENCE))])
-    real_feats, _ = classify(classifier, real, dataset, device)
+    items = [test[i] for i in range(min(len(test), MAX_REFERENCE))]
+    real = torch.stack([(item["x"] + 1) / 2 for item in items])
+    real_feats, real_preds = classify(classifier, real, dataset, device)
+    real_labels = torch.tensor([item["label"] for item in items])
     real_moves = displacements(real)
     result = {
         "classifier_test_accuracy": accuracy,
+        # the same checks on real test clips: the ceiling a model can reach with this classifier
+        "real_label_agreement": (real_preds == real_labels[:, None]).float().mean().item(),
+        "real_identity_consistency": (real_preds == real_preds[:, :1]).all(dim=1).float().mean().item(),
         "identity_consistency": (preds == preds[:, :1]).all(dim=1).float().mean().item(),
         "motion_mean": moves.mean().item(),
         "motion_std": moves.std().item(),
