@@ -33,6 +33,7 @@ class VideoConfig(ModalityConfig):
     tubelet: int = 1  # frames per token; a token is tubelet x backbone.patch x backbone.patch pixels
     stride: int = 1  # folder: keep every stride-th decoded frame
     digits: int = 1  # moving_mnist: digits per clip (the label is the first one's)
+    speed: float = 2.0  # shapes and moving_mnist: pixels per frame at modality.size (random directions)
     fps: int = 8  # frame rate of the MP4s written
     conditional: bool = True  # train and sample with class labels (classifier-free guidance)
     shapes_items: int = 20000  # size of the built-in shapes training split (test: a tenth)
@@ -85,9 +86,10 @@ class Video(Modality):
         cfg = self.cfg
         if cfg.dataset == "shapes":
             n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
-            return MovingShapes(n, cfg.frames, cfg.size, self.channels, seed=0 if split == "train" else 1)
+            seed = 0 if split == "train" else 1
+            return MovingShapes(n, cfg.frames, cfg.size, self.channels, seed, speed=cfg.speed / cfg.size)
         if cfg.dataset == "moving_mnist":
-            return MovingMNIST(self.data_path, split, cfg.frames, cfg.size, self.channels, cfg.digits)
+            return MovingMNIST(self.data_path, split, cfg.frames, cfg.size, self.channels, cfg.digits, cfg.speed)
         root = Path(self.data_path)
         root = root / split if (root / split).is_dir() else root
         return VideoFolder(root, cfg.frames, cfg.size, self.channels, cfg.stride)
