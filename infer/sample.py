@@ -22,7 +22,6 @@ from diffusion import build_process
 from infer.cli import check_request, parse, pick_device, sampling_plan
 from train.checkpoint import load_model
 
-
 REQUESTS = ("label", "prompt", "first_frame")  # what a sample may be asked for; each modality says which it takes
 
 
