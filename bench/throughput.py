@@ -5,6 +5,7 @@
     python bench/throughput.py --preset dit_xl --tokens 256 --batch 128 --precision bf16 --sample
     python bench/throughput.py --preset dit_b --longest-clip 16x16 --layout factorized --grad-checkpointing
     python bench/throughput.py --preset dit_xs --tokens 64 --batch 8 --steps 3        # CPU smoke run
+    python bench/throughput.py --preset dit_xs --clip-sweep 8x8 --batch 1 --precision fp32 --steps 2
 
 Training: one step = forward, VP v-prediction loss, backward, AdamW step, on random latent tokens
 (16 values per token, as a 2x2 patch of 4 VAE channels) with class labels.
@@ -13,6 +14,10 @@ device's dense bf16 peak. Sampling (--sample): DPM-Solver++(2M), classifier-free
 conditional and unconditional passes in one forward, images (sequences) per second.
 Longest clip (--longest-clip HxW): the most frames of HxW tokens whose training step fits in the
 GPU's memory at --batch (doubling, then bisection; every try runs two full steps).
+Clip sweep (--clip-sweep HxW): full against factorized attention on clips of --sweep-frames frames
+of HxW tokens, each configuration in its own process, so each peak memory is its own: peak
+resident memory of the process (CPU; it includes the ~0.3-0.5 GiB of PyTorch itself) or peak
+allocated GPU memory, and the training step time; one JSON line each, then a Markdown table.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import argparse
 import gc
 import json
 import math
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--layout", default="full", help="full | factorized (alternating within/across-frame attention)")
     p.add_argument("--longest-clip", metavar="HxW", default=None, help="find the most frames of HxW tokens that train")
     p.add_argument("--max-frames", type=int, default=1024, help="--longest-clip: stop the search here")
+    p.add_argument("--clip-sweep", metavar="HxW", default=None, help="full vs factorized as clips grow")
+    p.add_argument("--sweep-frames", default="8,16,32,64", help="--clip-sweep: frame counts")
     p.add_argument("--no-fused-adamw", action="store_true")
     p.add_argument("--sample", action="store_true", help="measure sampling instead of training")
     p.add_argument("--sample-steps", type=int, default=50)
@@ -61,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps (sampling: timed batches)")
     args = p.parse_args(argv)
     if args.batch is None:
-        args.batch = 1 if args.longest_clip else 64
+        args.batch = 1 if args.longest_clip or args.clip_sweep else 64
     return args
 
 
@@ -227,6 +236,36 @@ def longest_clip(args, bench: Bench, device) -> dict:
     }
 
 
+def clip_sweep(args, argv: list[str]) -> list[dict]:
+    """Train-step time and peak memory for each layout and frame count, each in a fresh process
+    (a process's peak resident memory never goes down, so configurations cannot share one)."""
+    h, w = (int(v) for v in args.clip_sweep.split("x"))
+    passed, skip = [], False  # the child gets this command line minus the sweep's own options
+    for a in argv:
+        if skip or a.startswith(("--clip-sweep", "--sweep-frames", "--layout", "--tokens", "--grid")):
+            skip = not skip and "=" not in a
+            continue
+        passed.append(a)
+    rows = []
+    for frames in (int(f) for f in args.sweep_frames.split(",")):
+        for layout in ("full", "factorized"):
+            grid = f"{frames}x{h}x{w}"
+            child = [sys.executable, __file__, *passed, "--layout", layout, "--tokens", str(frames * h * w)]
+            out = subprocess.run([*child, "--grid", grid], capture_output=True, text=True)
+            if out.returncode:
+                row = {"grid": grid, "layout": layout, "error": out.stderr.strip().splitlines()[-1]}
+            else:
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    memory = "peak_mem_gib" if rows[0].get("peak_mem_gib") is not None else "peak_rss_gib"
+    print(f"\n| frames x {args.clip_sweep} tokens | layout | step time (s) | {memory} |\n|---|---|---|---|")
+    for row in rows:
+        step = round(args.batch / row["samples_per_s"], 3) if "samples_per_s" in row else row["error"]
+        print(f"| {row['grid']} | {row['layout']} | {step} | {row.get(memory)} |")
+    return rows
+
+
 def attended_tokens(args) -> float:
     """Keys each query sees, averaged over blocks: all tokens, or for the factorized layout half the
     blocks see one frame (S tokens) and half one position through time (F frames)."""
@@ -240,6 +279,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
+    if args.clip_sweep:
+        return clip_sweep(args, sys.argv[1:] if argv is None else argv)
     bench = Bench(args, device)
     if args.longest_clip:
         result = longest_clip(args, bench, device)
@@ -271,6 +312,7 @@ def main(argv=None) -> dict:
         "tokens_per_s": round(per_s * args.tokens),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # ru_maxrss: KiB
     }
     if args.sample:
         result.update(sample_steps=args.sample_steps, guidance=args.guidance)

@@ -49,14 +49,15 @@ class ContinuousProcess:
         t = torch.linspace(self.t_max, self.t_min, steps, dtype=torch.float64)
         return torch.cat([self.sigma_of_t(t), torch.zeros(1, dtype=torch.float64)])
 
-    def denoiser(self, model_fn, cond):
-        """D(x, sigma) -> x0_hat in the sampler's coordinates."""
+    def denoiser(self, model_fn, cond, x0_hook=None):
+        """D(x, sigma) -> x0_hat in the sampler's coordinates, corrected by x0_hook when given."""
 
         def denoise(x, sigma: float):
             t, c = self.native(sigma)
             xt = x * c
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-            return self.to_x0(model_fn(xt, tt, cond), xt, tt)
+            x0_hat = self.to_x0(model_fn(xt, tt, cond), xt, tt)
+            return x0_hat if x0_hook is None else x0_hook(x0_hat)
 
         return denoise
 
@@ -72,6 +73,7 @@ class ContinuousProcess:
         generator=None,
         device="cpu",
         callback=None,
+        x0_hook=None,
         **sampler_options,
     ):
         """Draw x0 samples.
@@ -82,6 +84,11 @@ class ContinuousProcess:
             steps: sampler steps; sampler: a name in SAMPLERS; guidance: classifier-free
                 guidance scale (1 = conditional only).
             callback: called as callback(i, x0_preview) at every step.
+            x0_hook: x0_hat -> corrected x0_hat, applied to the denoiser's estimate at every step,
+                so a modality steers sampling without touching the samplers: holding known
+                values fixed (a given first frame, replacement as in RePaint, Lugmayr et al.
+                2022) or projecting onto valid data. Every sampler's last step to sigma = 0
+                returns the estimate itself, so what the hook fixes holds exactly in the output.
         Returns:
             x0 samples of `shape`.
         """
@@ -97,7 +104,7 @@ class ContinuousProcess:
         noise = torch.randn(shape, generator=generator, device=device)
         x = noise / self.native(float(sigmas[0]))[1]
         hook = None if callback is None else (lambda i, x, sigma, denoised: callback(i, denoised))
-        denoise = self.denoiser(guided(model_fn, guidance, cond), cond)
+        denoise = self.denoiser(guided(model_fn, guidance, cond), cond, x0_hook)
         return SAMPLERS[sampler](denoise, x, sigmas, generator=generator, callback=hook, **sampler_options)
 
 

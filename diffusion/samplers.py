@@ -57,31 +57,34 @@ def sample_ddpm(denoise, x, sigmas, *, generator=None, callback=None):
 @torch.no_grad()
 def sample_euler(denoise, x, sigmas, *, generator=None, callback=None):
     """Euler's method on dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, Algorithm 2,
-    first-order part, no churn)."""
+    first-order part, no churn). The step to sigma = 0 lands on D(x, sigma) itself (the same value
+    without round-off)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
         if callback is not None:
             callback(i, x, sigma, denoised)
-        x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        x = denoised if sigma_next == 0 else x + (x - denoised) / sigma * (sigma_next - sigma)
     return x
 
 
 @torch.no_grad()
 def sample_heun(denoise, x, sigmas, *, generator=None, callback=None):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1): an Euler step, then the
-    average of the slopes at both ends; the last step to sigma = 0 stays first order."""
+    average of the slopes at both ends; the last step to sigma = 0 stays first order and lands on
+    D(x, sigma) itself."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
         if callback is not None:
             callback(i, x, sigma, denoised)
+        if sigma_next == 0:
+            x = denoised
+            break
         d = (x - denoised) / sigma
         x_next = x + d * (sigma_next - sigma)
-        if sigma_next > 0:
-            d_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
-            x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
-        x = x_next
+        d_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
+        x = x + (d + d_next) / 2 * (sigma_next - sigma)
     return x
 
 

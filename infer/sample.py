@@ -1,6 +1,7 @@
 """Draw samples from a trained checkpoint; the architecture comes from the checkpoint itself.
 
 python infer/sample.py ckpt=runs/<run>/checkpoints/last steps=50 sampler=dpmpp_2m guidance=3 label=3
+python infer/sample.py ckpt=runs/<video run>/checkpoints/last first_frame=frame.png     # image-to-video
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from infer.cli import check_request, parse, pick_device, sampling_plan
 from train.checkpoint import load_model
 from train.health import warn_if_degenerate
 
-
-REQUESTS = ("label", "prompt")  # what a sample may be asked for; each modality says which it takes
+REQUESTS = ("label", "prompt", "first_frame")  # what a sample may be asked for; each modality says which it takes
 
 
 @dataclass
@@ -36,6 +36,7 @@ class SampleArgs:
     seed: int = 0
     label: Any = None  # class index or name (models trained with labels)
     prompt: str | None = None  # text models: fixed prefix
+    first_frame: str | None = None  # video models: an image file held as frame 0 (image-to-video)
     eta: float | None = None  # ddim: 0 deterministic .. 1 DDPM
     block: int | None = None  # discrete text, sampler=blocks: block length
     temperature: float | None = None  # discrete text

@@ -1,4 +1,4 @@
-"""The Modality contract: one kind of data in and out of the shared DiT (see DESIGN.md)."""
+"""The Modality contract: one kind of data in and out of the shared DiT (see docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

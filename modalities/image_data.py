@@ -70,6 +70,40 @@ def to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
     return transform(image)
 
 
+SHAPE_RADIUS = {True: 0.22, False: 0.13}  # big / small, as a share of the image side
+
+
+def draw_shape(name: str, colour: str, centre, big: bool, size: int, channels: int = 3) -> torch.Tensor:
+    """One shape of SHAPES in a colour of COLOURS on the dark background, as (C, size, size) in
+    [-1, 1]. Image and video shapes are both drawn here, so a classifier of one recognises the other.
+
+    Args:
+        centre: (x, y) as shares of the image side; big: radius 0.22 rather than 0.13 of the side.
+    """
+    s = 4 * size  # draw large, then downsample for smooth edges
+    image = Image.new("RGB", (s, s), (20, 20, 28))
+    draw = ImageDraw.Draw(image)
+    cx, cy = np.asarray(centre, dtype=float) * s
+    r = SHAPE_RADIUS[big] * s
+    fill = COLOURS[colour]
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if name == "circle":
+        draw.ellipse(box, fill=fill)
+    elif name == "square":
+        draw.rectangle(box, fill=fill)
+    elif name == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    elif name == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif name == "cross":
+        w = r / 3
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+    else:
+        draw.ellipse(box, outline=fill, width=max(1, int(r / 3)))
+    return to_tensor(image, size, channels)
+
+
 class Shapes(Dataset):
     """Procedurally drawn coloured shapes on a dark background, labelled by shape kind and
     captioned like "a small red circle top left". Item i is the same on every machine.
@@ -92,30 +126,10 @@ class Shapes(Dataset):
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         place = list(PLACES)[rng.integers(len(PLACES))]
         big = bool(rng.integers(2))
-        s = 4 * self.size  # draw large, then downsample for smooth edges
-        image = Image.new("RGB", (s, s), (20, 20, 28))
-        draw = ImageDraw.Draw(image)
-        cx, cy = (np.array(PLACES[place]) + rng.normal(0, 0.03, 2)) * s
-        r = (0.22 if big else 0.13) * s
-        fill = COLOURS[colour]
-        box = [cx - r, cy - r, cx + r, cy + r]
-        name = SHAPES[kind]
-        if name == "circle":
-            draw.ellipse(box, fill=fill)
-        elif name == "square":
-            draw.rectangle(box, fill=fill)
-        elif name == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
-        elif name == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-        elif name == "cross":
-            w = r / 3
-            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        else:
-            draw.ellipse(box, outline=fill, width=max(1, int(r / 3)))
-        caption = f"a {'large' if big else 'small'} {colour} {name} {place}"
-        return {"x": to_tensor(image, self.size, self.channels), "label": kind, "caption": caption}
+        centre = np.array(PLACES[place]) + rng.normal(0, 0.03, 2)
+        caption = f"a {'large' if big else 'small'} {colour} {SHAPES[kind]} {place}"
+        x = draw_shape(SHAPES[kind], colour, centre, big, self.size, self.channels)
+        return {"x": x, "label": kind, "caption": caption}
 
 
 def read_idx(path: Path) -> np.ndarray:

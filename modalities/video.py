@@ -1,0 +1,179 @@
+"""Video in pixel space: a whole clip is one spatiotemporal tensor (B, C, T, H, W) in [-1, 1],
+cut into tubelet tokens with (t, h, w) grid positions, so the DiT denoises every frame together
+(as Latte and Open-Sora do); saved as H.264 MP4s plus a PNG strip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from omegaconf import OmegaConf
+from PIL import Image as PILImage
+from torchvision.utils import save_image
+
+from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_cond
+from modalities.image import Image
+from modalities.image_data import to_tensor
+from modalities.media import write_video
+from modalities.video_data import MovingMNIST, MovingShapes, VideoFolder
+from modalities.video_metrics import evaluate_videos
+
+
+@dataclass
+class VideoConfig(ModalityConfig):
+    name: str = "video"
+    process: str = "gaussian"
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    dataset: str = "shapes"  # shapes (built in) | moving_mnist (idx files in data.path) | folder (data.path)
+    frames: int = 8  # frames per clip
+    size: int = 32  # frames are centre-cropped and resized to size x size
+    channels: int | None = None  # None: 1 for moving_mnist, 3 otherwise
+    tubelet: int = 1  # frames per token; a token is tubelet x backbone.patch x backbone.patch pixels
+    stride: int = 1  # folder: keep every stride-th decoded frame
+    digits: int = 1  # moving_mnist: digits per clip (the label is the first one's)
+    speed: float = 2.0  # shapes and moving_mnist: pixels per frame at modality.size (random directions)
+    fps: int = 8  # frame rate of the MP4s written
+    conditional: bool = True  # train and sample with class labels (classifier-free guidance)
+    shapes_items: int = 20000  # size of the built-in shapes training split (test: a tenth)
+    classes: list[str] | None = None  # filled from the data at the start of training
+
+
+class Video(Modality):
+    """Clips (B, C, T, H, W) in [-1, 1], channels 1 or 3. Sampling takes label= and
+    first_frame=<image file> (image-to-video: frame 0 held fixed at every step)."""
+
+    Config = VideoConfig
+    grid_axes = 3
+    requests = ("label", "first_frame")
+    DATASETS = ("shapes", "moving_mnist", "folder")
+    STRIP_COLUMNS = 16  # a strip shows at most this many frames per clip (every k-th of longer clips)
+
+    def __init__(self, cfg, patch: int, data=None):
+        super().__init__(cfg, patch, data)
+        if cfg.dataset not in self.DATASETS:
+            raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {self.DATASETS}")
+        if cfg.dataset != "shapes" and not self.data_path:
+            raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
+        if cfg.digits not in (1, 2):
+            raise ValueError(f"modality.digits={cfg.digits}; choose 1 or 2")
+        self.channels = cfg.channels or (1 if cfg.dataset == "moving_mnist" else 3)
+        self.tubelet = cfg.tubelet
+
+    @property
+    def classes(self) -> list[str]:
+        if self.cfg.classes is None:
+            raise ValueError("modality.classes is unset: the class list comes from the training data")
+        return list(self.cfg.classes)
+
+    def check(self, backbone):
+        cfg = self.cfg
+        if cfg.frames % cfg.tubelet:
+            ok = [k for k in range(1, cfg.frames + 1) if cfg.frames % k == 0]
+            raise ValueError(
+                f"modality.tubelet={cfg.tubelet} does not divide modality.frames={cfg.frames}; "
+                f"use modality.tubelet in {ok} or modality.frames={max(1, cfg.frames // cfg.tubelet) * cfg.tubelet}"
+            )
+        if cfg.size % backbone.patch:
+            ok = [p for p in (1, 2, 4, 8) if cfg.size % p == 0]
+            raise ValueError(
+                f"backbone.patch={backbone.patch} does not divide modality.size={cfg.size}; "
+                f"use backbone.patch in {ok} or a modality.size divisible by {backbone.patch}"
+            )
+
+    def dataset(self, split: str):
+        cfg = self.cfg
+        if cfg.dataset == "shapes":
+            n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
+            seed = 0 if split == "train" else 1
+            return MovingShapes(n, cfg.frames, cfg.size, self.channels, seed, speed=cfg.speed / cfg.size)
+        if cfg.dataset == "moving_mnist":
+            return MovingMNIST(
+                self.data_path, split, cfg.frames, cfg.size, self.channels, cfg.digits, cfg.speed, cfg.classes
+            )
+        root = Path(self.data_path)
+        root = root / split if (root / split).is_dir() else root
+        return VideoFolder(root, cfg.frames, cfg.size, self.channels, cfg.stride)
+
+    def frame_modality(self) -> Image:
+        """The image modality whose data looks like this one's frames (same data, size and
+        channels): its classifier scores generated frames (modalities/video_metrics.py)."""
+        dataset = {"shapes": "shapes", "moving_mnist": "mnist", "folder": "folder"}[self.cfg.dataset]
+        cfg = Image.Config(
+            dataset=dataset, size=self.cfg.size, channels=self.channels, shapes_items=self.cfg.shapes_items
+        )
+        data = OmegaConf.create({"path": self.data_path, "bad_threshold": self.bad_threshold})
+        return Image(OmegaConf.structured(cfg), self.patch, data)
+
+    def resolve(self, train_set) -> dict:
+        return {"classes": list(train_set.classes), "channels": self.channels}
+
+    def cond(self, batch):
+        return {"label": batch["label"]} if self.cfg.conditional else {}
+
+    def decode(self, x0):
+        return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, T, H, W) in [0, 1]
+
+    def save(self, samples, path):
+        """Each clip as `<path>-<i>.mp4` at modality.fps, and `<path>.png`: one row per clip,
+        every frame (every k-th when a clip has more than STRIP_COLUMNS). Returns the PNG's path."""
+        path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (samples * 255).round().to(torch.uint8)
+        for i, clip in enumerate(pixels):
+            frames = rearrange(clip, "c t h w -> t h w c").numpy()
+            write_video(frames if clip.shape[0] == 3 else frames[..., 0], f"{path}-{i:03d}.mp4", self.cfg.fps)
+        k = -(-samples.shape[2] // self.STRIP_COLUMNS)  # ceil(T / columns)
+        shown = samples[:, :, ::k]
+        strip = rearrange(shown, "b c t h w -> (b t) c h w")
+        save_image(strip, path.with_suffix(".png"), nrow=shown.shape[2], padding=1)
+        return str(path.with_suffix(".png"))
+
+    def backbone_kwargs(self):
+        dim = self.tubelet * self.patch * self.patch * self.channels
+        return {"in_dim": dim, "out_dim": dim, "num_classes": len(self.classes) if self.cfg.conditional else 0}
+
+    def to_tokens(self, x):
+        pt, p = self.tubelet, self.patch
+        tokens = rearrange(x, "b c (t pt) (h p1) (w p2) -> b (t h w) (pt p1 p2 c)", pt=pt, p1=p, p2=p)
+        t, h, w = x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p
+        grid = torch.meshgrid(*(torch.arange(n, device=x.device) for n in (t, h, w)), indexing="ij")
+        return tokens, torch.stack(grid, dim=-1).reshape(-1, 3)  # (B, N, pt*p*p*C), (N, 3) row-major (t, h, w)
+
+    def from_tokens(self, tokens, shape):
+        pt, p = self.tubelet, self.patch
+        t, h, w = shape[2] // pt, shape[3] // p, shape[4] // p
+        return rearrange(tokens, "b (t h w) (pt p1 p2 c) -> b c (t pt) (h p1) (w p2)", t=t, h=h, w=w, pt=pt, p1=p, p2=p)
+
+    def sample_shape(self, n):
+        return (n, self.channels, self.cfg.frames, self.cfg.size, self.cfg.size)
+
+    def sample_cond(self, n, device, label=None, **request):
+        return label_cond(self.cfg, self.classes if self.cfg.conditional else [], n, device, label)
+
+    def sample_options(self, first_frame=None, **request):
+        """first_frame=<image file>: image-to-video. The image, centre-cropped and resized like the
+        training frames, replaces frame 0 of the x0 estimate at every step (the replacement
+        method of inpainting, Lugmayr et al. 2022 without resampling), so the clip is generated
+        around it and its frame 0 is exactly the given image."""
+        if first_frame is None:
+            return {}
+        try:
+            with PILImage.open(first_frame) as image:
+                image.load()
+                frame = to_tensor(image, self.cfg.size, self.channels)  # (C, H, W) in [-1, 1]
+        except OSError as e:
+            raise ValueError(f"first_frame={first_frame}: cannot read as an image ({e})") from e
+
+        def hold_first_frame(x0_hat):
+            x0_hat = x0_hat.clone()
+            x0_hat[:, :, 0] = frame.to(x0_hat)
+            return x0_hat
+
+        return {"x0_hook": hold_first_frame}
+
+    def evaluate(self, model, process, args, device, reference=None):
+        """Per-frame label agreement, identity consistency, motion and Fréchet distance of the
+        frame classifier's features (see modalities/video_metrics.py)."""
+        return evaluate_videos(self, model, process, args, device)

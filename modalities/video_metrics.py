@@ -1,0 +1,122 @@
+"""Sample-quality metrics for video, offline: the image classifier of the frames' data set
+(modalities/image_metrics.py, trained once and cached) applied to every frame of every clip.
+
+- label_agreement: share of generated frames classified as the clip's requested label;
+- identity_consistency: share of clips whose frames all get the same predicted class (an object
+  that changes kind mid-clip fails it);
+- motion: mean and spread of the frame-to-frame displacement of the intensity centroid (pixels),
+  generated and real test clips, so a frozen or jittering model shows;
+- frechet_distance: Fréchet distance between the classifier's per-frame features of generated
+  and real test frames (FID's formula on a small in-domain classifier, as for images).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from modalities.image_metrics import frechet_distance, get_classifier
+
+EVALUATED = ("shapes", "moving_mnist")  # data sets with a frame classifier
+MAX_REFERENCE = 1000  # real test clips the samples are compared with
+
+
+def centroids(frames: torch.Tensor) -> torch.Tensor:
+    """Intensity centroids (x, y) in pixels of (N, C, H, W) frames in [0, 1]; the darkest value of
+    each frame is taken as background, so a coloured object on a dark ground is what is weighed."""
+    gray = frames.float().mean(1)  # (N, H, W)
+    weight = (gray - gray.amin(dim=(1, 2), keepdim=True)).clamp(min=0) + 1e-8
+    ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in gray.shape[1:]), indexing="ij")
+    total = weight.sum(dim=(1, 2))
+    return torch.stack([(weight * xs).sum(dim=(1, 2)) / total, (weight * ys).sum(dim=(1, 2)) / total], dim=-1)
+
+
+def displacements(clips: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) clips in [0, 1] -> (B, T - 1) centroid displacement between frames, pixels."""
+    b = clips.shape[0]
+    c = centroids(rearrange(clips, "b c t h w -> (b t) c h w")).view(b, -1, 2)
+    return (c[:, 1:] - c[:, :-1]).norm(dim=-1)
+
+
+def glimpse(frames: torch.Tensor, side: int) -> torch.Tensor:
+    """Crop a side x side window centred on each frame's centroid and resize it to the frame size:
+    a Moving-MNIST frame (a digit of side size/2 somewhere) becomes an MNIST-like centred digit
+    (MNIST centres digits by their centre of mass), which the MNIST classifier reads.
+    frames: (N, C, H, W) in [0, 1]."""
+    size = frames.shape[-1]
+    corner = (centroids(frames) - side / 2).round().long().clamp(0, size - side)  # (N, 2) as (x, y)
+    crops = torch.stack([f[:, y : y + side, x : x + side] for f, (x, y) in zip(frames, corner.tolist())])
+    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def classify(classifier, clips: torch.Tensor, dataset: str, device, batch: int = 512):
+    """Per-frame features (B*T, F) and predicted classes (B, T) of (B, C, T, H, W) clips in [0, 1]."""
+    b = clips.shape[0]
+    frames = rearrange(clips, "b c t h w -> (b t) c h w")
+    if dataset == "moving_mnist":
+        frames = glimpse(frames, frames.shape[-1] // 2)
+    feats, preds = [], []
+    for chunk in frames.split(batch):
+        f = classifier.features(chunk.to(device) * 2 - 1)  # the classifier reads [-1, 1]
+        feats.append(f.double().cpu())
+        preds.append(classifier.head(f).argmax(1).cpu())
+    return torch.cat(feats).numpy(), torch.cat(preds).view(b, -1)
+
+
+@torch.no_grad()
+def evaluate_videos(modality, model, process, args, device) -> dict:
+    """Sample `args.n` clips (labels cycling through the classes) and score them as the module
+    docstring says. Returns a flat dict of numbers."""
+    dataset = modality.cfg.dataset
+    if dataset not in EVALUATED:
+        raise ValueError(f"video evaluation needs a frame classifier: modality.dataset in {EVALUATED}, not {dataset}")
+    if args.n < 2:
+        raise ValueError(f"n={args.n}: the Fréchet distance needs at least 2 samples")
+    classifier, accuracy = get_classifier(modality.frame_modality(), device)
+    conditional = modality.cfg.conditional
+    feats, preds, labels, moves = [], [], [], []
+    for i, start in enumerate(range(0, args.n, args.batch)):
+        size = min(args.batch, args.n - start)
+        label = torch.arange(start, start + size, device=device) % len(modality.classes)
+        x0 = process.sample(
+            modality.model_fn(model),
+            modality.sample_shape(size),
+            {"label": label} if conditional else {},
+            steps=args.steps,
+            sampler=args.sampler,
+            guidance=args.guidance,
+            device=device,
+            generator=torch.Generator(device=device).manual_seed(args.seed + i),
+        )
+        clips = modality.decode(x0)  # (B, C, T, H, W) in [0, 1]
+        f, p = classify(classifier, clips, dataset, device)
+        feats.append(f)
+        preds.append(p)
+        labels.append(label.cpu())
+        moves.append(displacements(clips))
+    preds, moves = torch.cat(preds), torch.cat(moves)
+
+    test = modality.dataset("test")
+    items = [test[i] for i in range(min(len(test), MAX_REFERENCE))]
+    real = torch.stack([(item["x"] + 1) / 2 for item in items])
+    real_feats, real_preds = classify(classifier, real, dataset, device)
+    real_labels = torch.tensor([item["label"] for item in items])
+    real_moves = displacements(real)
+    result = {
+        "classifier_test_accuracy": accuracy,
+        # the same checks on real test clips: the ceiling a model can reach with this classifier
+        "real_label_agreement": (real_preds == real_labels[:, None]).float().mean().item(),
+        "real_identity_consistency": (real_preds == real_preds[:, :1]).all(dim=1).float().mean().item(),
+        "identity_consistency": (preds == preds[:, :1]).all(dim=1).float().mean().item(),
+        "motion_mean": moves.mean().item(),
+        "motion_std": moves.std().item(),
+        "real_motion_mean": real_moves.mean().item(),
+        "real_motion_std": real_moves.std().item(),
+        "frechet_distance": frechet_distance(np.concatenate(feats), real_feats),
+        "n_samples": args.n,
+    }
+    if conditional:
+        result["label_agreement"] = (preds == torch.cat(labels)[:, None]).float().mean().item()
+    return result

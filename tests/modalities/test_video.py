@@ -1,0 +1,183 @@
+"""Video: real files through the folder data set, bad files skipped and counted, training with both
+attention layouts, MP4 output read back, first_frame held exactly, seeded sampling, Moving MNIST."""
+
+import gzip
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image as PILImage
+
+import train.train as trainer
+from diffusion import build_process
+from diffusion.samplers import SAMPLERS
+from modalities.data import BadDataTracker, Tolerant, collate
+from modalities.image_data import to_tensor
+from modalities.media import read_video, write_video
+from modalities.video import Video, VideoConfig
+from modalities.video_data import VideoFolder
+from modalities.video_metrics import displacements
+from train.checkpoint import build_model
+
+SHARED_VIDEO = Path(__file__).resolve().parents[3] / "shared" / "data" / "video" / "carphone_pristine.mp4"
+TINY_VIDEO = ["modality=video", "modality.frames=4", "modality.size=8", "steps=80", "log_every=20"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+
+
+def write_idx(path: Path, array: np.ndarray):
+    """An idx file as MNIST ships them (gzip, unsigned bytes)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_video(**keys):
+    cfg = OmegaConf.merge(OmegaConf.structured(VideoConfig), {"frames": 4, "size": 8, "classes": ["a", "b"], **keys})
+    return Video(cfg, patch=2)
+
+
+def moving_square(frames: int, size: int) -> np.ndarray:
+    """(T, size, size, 3) uint8: a white square moving one pixel per frame."""
+    clip = np.zeros((frames, size, size, 3), dtype=np.uint8)
+    for t in range(frames):
+        clip[t, 4:10, 2 + t : 8 + t] = 255
+    return clip
+
+
+@pytest.mark.skipif(not SHARED_VIDEO.exists(), reason="../shared/data/video not present")
+def test_real_mp4_decodes_into_the_clips_its_timestamps_give(tmp_path):
+    (tmp_path / "v").mkdir()
+    shutil.copy(SHARED_VIDEO, tmp_path / "v" / "carphone.mp4")
+    data = VideoFolder(tmp_path / "v", frames=4, size=16, stride=3)
+    frames, _ = read_video(SHARED_VIDEO)
+    span = 3 * 3 + 1
+    assert len(data) == len(frames) // span and data.skipped == []
+    item = data[2]  # seeks into the file: frames 2 * span + 0, 3, 6, 9 of the whole decode
+    assert item["x"].shape == (3, 4, 16, 16) and item["label"] == 0
+    for j in range(4):
+        whole = to_tensor(PILImage.fromarray(frames[2 * span + 3 * j]), 16, 3)
+        assert (item["x"][:, j] - whole).abs().max() < 1e-5, j
+    assert len(list((tmp_path / "cache").glob("video-index-*.json"))) == 1
+
+
+def test_corrupt_and_too_short_files_are_skipped_and_counted(tmp_path):
+    root = tmp_path / "v"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+    write_video(moving_square(12, 16), root / "cat" / "good.mp4", fps=8)
+    write_video(moving_square(12, 16), root / "dog" / "later_truncated.mp4", fps=8)
+    write_video(moving_square(3, 16), root / "dog" / "short.mp4", fps=8)
+    (root / "dog" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    (root / "dog" / "notes.txt").write_text("not a video")
+    data = VideoFolder(root, frames=6, size=8)
+    assert data.classes == ("cat", "dog") and len(data) == 4  # 12 frames: two clips of 6 in each good file
+    reasons = "\n".join(data.skipped)
+    assert len(data.skipped) == 3
+    assert "short.mp4: 3 decodable frames, a clip needs 6" in reasons and "corrupt.mp4: cannot decode" in reasons
+    assert "notes.txt: not a video file extension" in reasons
+    (root / "dog" / "later_truncated.mp4").write_bytes(b"junk")  # broken after indexing: skipped at read time
+    tolerant = Tolerant(data)
+    tracker = BadDataTracker(threshold=0.9)
+    tracker.add(0, tolerant.skipped, verbose=False)
+    batch = collate([tolerant[i] for i in range(len(data))])
+    tracker.add(batch["n"], batch["bad"], verbose=False)
+    assert batch["n"] == 2 and tracker.bad == 5 and tracker.seen == 7
+    assert batch["x"].shape == (2, 3, 6, 8, 8) and batch["label"].tolist() == [0, 0]
+
+
+# attention=math for the factorized run: on a CPU, SDPA's fused kernel over hundreds of 4-token
+# groups (across-frame blocks) is about 10x slower than the plain math (bench/throughput.py --clip-sweep).
+@pytest.mark.parametrize("layout,process,attention", [("full", "gaussian", "auto"), ("factorized", "flow", "math")])
+def test_tiny_video_model_loss_falls(tiny_cfg, layout, process, attention):
+    overrides = [f"backbone.layout={layout}", f"modality.process={process}", f"attention={attention}"]
+    result = trainer.train(tiny_cfg(*TINY_VIDEO, *overrides))
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert last < 0.5 * first, result.losses
+
+
+def test_saved_clips_read_back_as_mp4_with_frames_size_and_rate(tmp_path):
+    video = tiny_video(fps=6)
+    smooth = torch.rand(2 * 5, 3, 4, 4)  # yuv420p keeps colour at half resolution: smooth content survives
+    clips = torch.nn.functional.interpolate(smooth, size=16, mode="bilinear").view(2, 5, 3, 16, 16).transpose(1, 2)
+    strip = video.save(clips, tmp_path / "s")
+    assert PILImage.open(strip).size == (5 * 17 + 1, 2 * 17 + 1)  # a row per clip, a column per frame
+    frames, fps = read_video(tmp_path / "s-001.mp4")
+    assert frames.shape == (5, 16, 16, 3) and fps == 6
+    error = [np.abs(frames.astype(float) - (clip.permute(1, 2, 3, 0) * 255).numpy()).mean() for clip in clips]
+    assert error[1] < 12 < 3 * 12 < error[0], error  # H.264 in yuv420p is close to the clip written, not exact
+    write_video(np.zeros((3, 7, 9), dtype=np.uint8), tmp_path / "odd.mp4", fps=4)  # yuv420p needs even sides
+    assert read_video(tmp_path / "odd.mp4")[0].shape == (3, 8, 10, 3)
+
+
+def sampler_setup(process="gaussian"):
+    video = tiny_video()
+    cfg = OmegaConf.create({"backbone": {"hidden_size": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}})
+    cfg.backbone.update({"pos": "rope", "qk_norm": True, "cond_dropout": 0.1, "layout": "full"})
+    cfg.update({"attention": "math", "grad_checkpointing": False})
+    torch.manual_seed(0)
+    model = build_model(cfg, video).eval()
+    return video, video.model_fn(model), build_process(process, OmegaConf.create({}))
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("process", ["gaussian", "flow"])
+def test_first_frame_holds_frame_zero_exactly(tmp_path, sampler, process):
+    video, model_fn, proc = sampler_setup(process)
+    image = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)  # cropped and resized to 8
+    PILImage.fromarray(image).save(tmp_path / "f.png")
+    options = video.sample_options(first_frame=str(tmp_path / "f.png"))
+    cond = video.sample_cond(2, "cpu")
+    x0 = proc.sample(model_fn, video.sample_shape(2), cond, steps=3, sampler=sampler, guidance=2.0, **options)
+    expected = options["x0_hook"](torch.zeros(1, 3, 4, 8, 8))[0, :, 0]
+    assert torch.equal(x0[0, :, 0], expected) and torch.equal(x0[1, :, 0], expected)
+    assert not torch.equal(x0[0, :, 1], expected)
+    assert video.sample_options() == {}  # the trainer's call, with no request
+
+
+def test_sampling_under_a_seed_is_deterministic():
+    video, model_fn, proc = sampler_setup()
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return proc.sample(model_fn, video.sample_shape(2), video.sample_cond(2, "cpu"), steps=3, generator=g)
+
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+
+
+def test_moving_mnist_clips_keep_the_digit_and_move_at_the_set_speed(tmp_path):
+    images = np.zeros((6, 28, 28))
+    for i in range(6):
+        images[i, 6 : 22 - i, 10:18] = 255  # a different glyph per item
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([3, 1, 4, 1, 5, 9]))
+    keys = {"dataset": "moving_mnist", "frames": 10, "size": 32, "speed": 3.0}
+    video = Video(
+        OmegaConf.merge(OmegaConf.structured(VideoConfig), keys),
+        2,
+        OmegaConf.create({"path": str(tmp_path), "bad_threshold": 0.01}),
+    )
+    data = video.dataset("test")
+    for i in range(6):
+        item = data[i]
+        assert item["label"] == [3, 1, 4, 1, 5, 9][i] and item["x"].shape == (1, 10, 32, 32)
+        mass = (item["x"] + 1).sum(dim=(0, 2, 3))  # the whole digit is in every frame: same ink
+        assert torch.allclose(mass, mass[0], rtol=1e-5)
+        steps = displacements((item["x"][None] + 1) / 2)[0]
+        assert (steps - 3.0).abs().median() < 0.75, steps  # bounces shorten a step, rounding moves 0.5 px
+    assert torch.equal(data[3]["x"], video.dataset("test")[3]["x"])
+
+
+def test_impossible_shapes_are_rejected_naming_the_keys():
+    backbone = OmegaConf.create({"patch": 2})
+    with pytest.raises(ValueError, match=r"modality.tubelet=3 does not divide modality.frames=4; use .*\[1, 2, 4\]"):
+        tiny_video(tubelet=3).check(backbone)
+    with pytest.raises(ValueError, match="backbone.patch=2 does not divide modality.size=9"):
+        tiny_video(size=9).check(backbone)
