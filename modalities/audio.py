@@ -75,12 +75,6 @@ class Audio(Modality):
             cfg.n_fft, cfg.griffin_lim_iters, hop_length=cfg.hop, power=1.0, length=self.length, rand_init=False
         )
 
-    @property
-    def classes(self) -> list[str]:
-        if self.cfg.classes is None:
-            raise ValueError("modality.classes is unset: the class list comes from the training data")
-        return list(self.cfg.classes)
-
     def check(self, backbone):
         cfg, p = self.cfg, backbone.patch
         fixes = []

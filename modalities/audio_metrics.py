@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from modalities.data import BadSample
-from modalities.image_metrics import MAX_REFERENCE, _predict, frechet_distance, get_classifier
+from modalities.image_metrics import evaluate_with_classifier
 
 CLASSIFIER_EPOCHS = 5  # a few thousand short clips: more passes than MNIST's one are cheap and needed
 RESOLUTIONS = ((512, 128), (256, 64), (128, 32))  # (n_fft, hop) of the multi-resolution STFT distance
@@ -17,15 +17,14 @@ RESOLUTIONS = ((512, 128), (256, 64), (128, 32))  # (n_fft, hop) of the multi-re
 
 class Spectrograms(Dataset):
     """An audio data set seen as the classifier's images: {"x": (1, n_mels, frames) normalised
-    log-mel, "label": int}, with the same `classes` and `skipped`; `limit` keeps the first items."""
+    log-mel, "label": int}, with the same `classes` and `skipped`."""
 
-    def __init__(self, modality, dataset, limit: int | None = None):
+    def __init__(self, modality, dataset):
         self.modality, self.dataset = modality, dataset
         self.classes, self.skipped = dataset.classes, list(getattr(dataset, "skipped", []))
-        self.n = len(dataset) if limit is None else min(len(dataset), limit)
 
     def __len__(self):
-        return self.n
+        return len(self.dataset)
 
     def __getitem__(self, i):
         item = self.dataset[i]
@@ -112,43 +111,14 @@ def readable_clips(dataset, n: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_audio(modality, model, process, args, device) -> dict:
     """Sample `args.n` clips (labels cycling through the classes), decode them to waveforms and
-    score their log-mels with the spectrogram classifier. Returns {"classifier_test_accuracy",
-    "frechet_distance", "n_samples"}, "label_agreement" for class-conditional models, and the
-    Griffin-Lim round-trip distances of the held-out clips."""
-    if args.n < 2:
-        raise ValueError(f"n={args.n}: the Fréchet distance needs at least 2 samples")
-    classifier, accuracy = get_classifier(modality, device, epochs=CLASSIFIER_EPOCHS)
-    conditional = modality.cfg.conditional
-    feats, agree = [], []
-    for i, start in enumerate(range(0, args.n, args.batch)):
-        size = min(args.batch, args.n - start)
-        cond = {}
-        if conditional:  # labels cycle through the classes, so every class is asked for equally often
-            cond["label"] = labels = torch.arange(start, start + size, device=device) % len(modality.classes)
-        x0 = process.sample(
-            modality.model_fn(model),
-            modality.sample_shape(size),
-            cond,
-            steps=args.steps,
-            sampler=args.sampler,
-            guidance=args.guidance,
-            device=device,
-            generator=torch.Generator(device=device).manual_seed(args.seed + i),
-        )
-        # scored as heard: the decoded waveform's log-mel, Griffin-Lim artefacts included
-        f = classifier.features(modality.encode({"x": modality.decode(x0).to(device)}))
-        feats.append(f.double().cpu().numpy())
-        if conditional:
-            agree.append((classifier.head(f).argmax(1) == labels).cpu())
-    test_set = modality.dataset("test")
-    reference = Spectrograms(modality, test_set, limit=MAX_REFERENCE)
-    result = {
-        "classifier_test_accuracy": accuracy,
-        "frechet_distance": frechet_distance(np.concatenate(feats), _predict(classifier, reference, 256, device)[0]),
-        "n_samples": args.n,
-    }
-    if conditional:
-        result["label_agreement"] = torch.cat(agree).float().mean().item()
-    roundtrip = griffin_lim_roundtrip(modality, readable_clips(test_set, 64).to(device))
+    score their log-mels with the spectrogram classifier (modalities/image_metrics.py): returns
+    {"classifier_test_accuracy", "frechet_distance", "n_samples"}, "label_agreement" for
+    class-conditional models, and the Griffin-Lim round-trip distances of held-out clips."""
+
+    def as_heard(x0):  # the decoded waveform's log-mel, Griffin-Lim artefacts included
+        return modality.encode({"x": modality.decode(x0).to(device)})
+
+    result = evaluate_with_classifier(modality, model, process, args, device, as_heard, epochs=CLASSIFIER_EPOCHS)
+    roundtrip = griffin_lim_roundtrip(modality, readable_clips(modality.dataset("test"), 64).to(device))
     result.update({f"roundtrip_{k}": v for k, v in roundtrip.items() if k != "clips"})
     return result

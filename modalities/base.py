@@ -71,6 +71,14 @@ class Modality:
         self.data_path = data.path if data is not None else None
         self.bad_threshold = data.bad_threshold if data is not None else 0.01
 
+    @property
+    def classes(self) -> list[str]:
+        """Class names of a labelled modality (`modality.classes`, filled from the training data)."""
+        classes = getattr(self.cfg, "classes", None)
+        if classes is None:
+            raise ValueError("modality.classes is unset: the class list comes from the training data")
+        return list(classes)
+
     # --- data ---------------------------------------------------------------------------
     def dataset(self, split: str):
         """A torch Dataset of dicts ({"x": ..., optional "label", "caption"}); items that

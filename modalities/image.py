@@ -57,12 +57,6 @@ class Image(Modality):
                 f"modality.background={cfg.background!r} is not a colour; use a name (white, black) or #rrggbb"
             ) from None
 
-    @property
-    def classes(self) -> list[str]:
-        if self.cfg.classes is None:
-            raise ValueError("modality.classes is unset: the class list comes from the training data")
-        return list(self.cfg.classes)
-
     def check(self, backbone):
         if self.cfg.size % backbone.patch:
             ok = [p for p in (1, 2, 4, 8) if self.cfg.size % p == 0]

@@ -187,44 +187,63 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 
 
-@torch.no_grad()
-def evaluate_images(modality, model, process, args, device) -> dict:
-    """Sample `args.n` images (labels cycling through the classes) and score them: returns
-    {"classifier_test_accuracy", "frechet_distance", "n_samples"} plus, for class-conditional
-    models, "label_agreement" (share of samples classified as their requested label)."""
-    if args.n < 2:
-        raise ValueError(f"n={args.n}: the Fréchet distance needs at least 2 samples")
-    classifier, accuracy = get_classifier(modality, device)
-    conditional = modality.cfg.conditional
-    feats, agree = [], []
+def generated(modality, model, process, args, device):
+    """`args.n` samples of `model` in batches of `args.batch`, each batch seeded (args.seed + i), with
+    labels cycling through the classes for a class-conditional model, so every class is asked for
+    equally often. Yields (labels (B,) or None, x0)."""
     for i, start in enumerate(range(0, args.n, args.batch)):
         size = min(args.batch, args.n - start)
-        cond = {}
-        if conditional:  # labels cycle through the classes, so every class is asked for equally often
-            cond["label"] = labels = torch.arange(start, start + size, device=device) % len(modality.classes)
+        labels = None
+        if modality.cfg.conditional:
+            labels = torch.arange(start, start + size, device=device) % len(modality.classes)
         x0 = process.sample(
             modality.model_fn(model),
             modality.sample_shape(size),
-            cond,
+            {} if labels is None else {"label": labels},
             steps=args.steps,
             sampler=args.sampler,
             guidance=args.guidance,
             device=device,
             generator=torch.Generator(device=device).manual_seed(args.seed + i),
         )
-        images = modality.decode(x0).to(device) * 2 - 1  # decode gives [0, 1]; the classifier reads [-1, 1]
-        f = classifier.features(images)
+        yield labels, x0
+
+
+@torch.no_grad()
+def evaluate_with_classifier(modality, model, process, args, device, as_seen, epochs: int = 1) -> dict:
+    """Sample `args.n` items and score them with the classifier of the modality's data
+    (`classifier_data`): returns {"classifier_test_accuracy", "frechet_distance", "n_samples"} plus,
+    for class-conditional models, "label_agreement" (share of samples classified as their label).
+
+    Args:
+        as_seen: x0 -> the classifier's input, as classifier_data presents real items.
+        epochs: classifier training epochs (when not cached).
+    """
+    if args.n < 2:
+        raise ValueError(f"n={args.n}: the Fréchet distance needs at least 2 samples")
+    classifier, accuracy = get_classifier(modality, device, epochs=epochs)
+    feats, agree = [], []
+    for labels, x0 in generated(modality, model, process, args, device):
+        f = classifier.features(as_seen(x0))
         feats.append(f.double().cpu().numpy())
-        if conditional:
+        if labels is not None:
             agree.append((classifier.head(f).argmax(1) == labels).cpu())
-    test_set = modality.dataset("test")
+    test_set = modality.classifier_data("test")
     test_set = Subset(test_set, range(min(len(test_set), MAX_REFERENCE)))
-    reference = _predict(classifier, test_set, 512, device)[0]
     result = {
         "classifier_test_accuracy": accuracy,
-        "frechet_distance": frechet_distance(np.concatenate(feats), reference),
+        "frechet_distance": frechet_distance(np.concatenate(feats), _predict(classifier, test_set, 512, device)[0]),
         "n_samples": args.n,
     }
-    if conditional:
+    if agree:
         result["label_agreement"] = torch.cat(agree).float().mean().item()
     return result
+
+
+def evaluate_images(modality, model, process, args, device) -> dict:
+    """Images scored by their data set's classifier (decode gives [0, 1]; the classifier reads [-1, 1])."""
+
+    def as_seen(x0):
+        return modality.decode(x0).to(device) * 2 - 1
+
+    return evaluate_with_classifier(modality, model, process, args, device, as_seen)

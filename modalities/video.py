@@ -61,12 +61,6 @@ class Video(Modality):
         self.channels = cfg.channels or (1 if cfg.dataset == "moving_mnist" else 3)
         self.tubelet = cfg.tubelet
 
-    @property
-    def classes(self) -> list[str]:
-        if self.cfg.classes is None:
-            raise ValueError("modality.classes is unset: the class list comes from the training data")
-        return list(self.cfg.classes)
-
     def check(self, backbone):
         cfg = self.cfg
         if cfg.frames % cfg.tubelet:

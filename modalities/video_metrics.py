@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from modalities.image_metrics import frechet_distance, get_classifier
+from modalities.image_metrics import frechet_distance, generated, get_classifier
 
 EVALUATED = ("shapes", "moving_mnist")  # data sets with a frame classifier
 MAX_REFERENCE = 1000  # real test clips the samples are compared with
@@ -75,27 +75,15 @@ def evaluate_videos(modality, model, process, args, device) -> dict:
     if args.n < 2:
         raise ValueError(f"n={args.n}: the Fréchet distance needs at least 2 samples")
     classifier, accuracy = get_classifier(modality.frame_modality(), device)
-    conditional = modality.cfg.conditional
     feats, preds, labels, moves = [], [], [], []
-    for i, start in enumerate(range(0, args.n, args.batch)):
-        size = min(args.batch, args.n - start)
-        label = torch.arange(start, start + size, device=device) % len(modality.classes)
-        x0 = process.sample(
-            modality.model_fn(model),
-            modality.sample_shape(size),
-            {"label": label} if conditional else {},
-            steps=args.steps,
-            sampler=args.sampler,
-            guidance=args.guidance,
-            device=device,
-            generator=torch.Generator(device=device).manual_seed(args.seed + i),
-        )
+    for label, x0 in generated(modality, model, process, args, device):
         clips = modality.decode(x0)  # (B, C, T, H, W) in [0, 1]
         f, p = classify(classifier, clips, dataset, device)
         feats.append(f)
         preds.append(p)
-        labels.append(label.cpu())
         moves.append(displacements(clips))
+        if label is not None:
+            labels.append(label.cpu())
     preds, moves = torch.cat(preds), torch.cat(moves)
 
     test = modality.dataset("test")
@@ -117,6 +105,6 @@ def evaluate_videos(modality, model, process, args, device) -> dict:
         "frechet_distance": frechet_distance(np.concatenate(feats), real_feats),
         "n_samples": args.n,
     }
-    if conditional:
+    if labels:
         result["label_agreement"] = (preds == torch.cat(labels)[:, None]).float().mean().item()
     return result
