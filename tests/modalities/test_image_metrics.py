@@ -168,7 +168,7 @@ class Oracle:
 
 
 def test_metrics_prefer_real_images_to_noise(tmp_path, monkeypatch, shapes_classifier):
-    monkeypatch.setattr(metrics, "get_classifier", lambda modality, device: shapes_classifier)
+    monkeypatch.setattr(metrics, "get_classifier", lambda modality, device, epochs=1: shapes_classifier)
     modality = image_modality(tmp_path, monkeypatch, shapes_items=3000)  # test split: 300 real images
     model = tiny_dit(modality)
     real = metrics.evaluate_images(modality, model, Oracle(noise=False), args(n=60, batch=30), "cpu")
