@@ -131,7 +131,15 @@ def make_loader(cfg, dataset, accelerator) -> DataLoader:
         num_workers=cfg.num_workers,
         collate_fn=collate,
         persistent_workers=False,
+        worker_init_fn=ignore_sigterm,
     )
+
+
+def ignore_sigterm(worker_id: int):
+    """Loader workers ignore SIGTERM. Schedulers (Slurm, `timeout`, Kubernetes) signal the whole
+    process group; a worker that died of it would crash the main process mid-step instead of
+    letting it write its checkpoint and shut the workers down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def draw_samples(cfg, modality, process, ema_model, device, path: Path, seed: int = 0) -> str:

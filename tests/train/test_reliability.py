@@ -19,10 +19,18 @@ from train.checkpoint import load_model
 REPO = Path(__file__).resolve().parents[2]
 
 
-def launch(tmp_path, name, *overrides):
+def launch(tmp_path, name, *overrides, new_session=False):
     args = [sys.executable, str(REPO / "train" / "train.py"), *TINY, f"out_dir={tmp_path}", f"name={name}", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        args,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
+    )
 
 
 def wait_for(path: Path, proc, timeout=120):
@@ -69,6 +77,17 @@ def test_sigterm_writes_a_final_checkpoint(tmp_path):
     assert "stopped by SIGTERM" in out
     last = (tmp_path / "term" / "checkpoints" / "last").resolve()
     assert (last / "model.safetensors").exists() and (last / "state").is_dir()
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints(tmp_path):
+    """Slurm and `timeout` signal every process of the job, data loader workers included."""
+    proc = launch(tmp_path, "group", "steps=100000", "save_every=5", "num_workers=1", new_session=True)
+    wait_for(tmp_path / "group" / "checkpoints" / "step_00000005" / "model.safetensors", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "stopped by SIGTERM" in out
+    assert ((tmp_path / "group" / "checkpoints" / "last").resolve() / "state").is_dir()
 
 
 def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tiny_cfg, capsys):
