@@ -123,6 +123,11 @@ def make_loader(cfg, dataset, accelerator) -> DataLoader:
             f"batch_size={cfg.batch_size} must be a multiple of processes ({accelerator.num_processes}) x "
             f"grad_accum ({cfg.grad_accum}); e.g. batch_size={max(1, per_process) * ways}"
         )
+    if len(dataset) < per_process:  # drop_last would give epochs without a batch: the loop would never end
+        raise ValueError(
+            f"the training data has {len(dataset)} items, fewer than one batch of {per_process} per process; "
+            f"lower batch_size or add data (data.path)"
+        )
     return DataLoader(
         Tolerant(dataset),
         batch_size=per_process,
