@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from backbones.dit import DiT
+
 
 @dataclass
 class DiffusionConfig:
@@ -108,6 +110,35 @@ class Modality:
     def save(self, samples, path) -> str:
         """Write the decoded samples as the user-facing artefact; returns the path written."""
         raise NotImplementedError
+
+    # --- the network and its objective -------------------------------------------------
+    def build_model(self, cfg) -> torch.nn.Module:
+        """The network that training fits and sampling calls, as the run config `cfg` describes it.
+
+        Default: the shared DiT (`cfg.backbone`) shaped by backbone_kwargs(). A modality that trains
+        parameters of its own beside the DiT (learnt embeddings) or another network altogether (an
+        autoencoder) returns its own module; like the DiT it offers set_attention_backend(name,
+        device_type) and compile_blocks(), and its state_dict is what checkpoints hold."""
+        b = cfg.backbone
+        return DiT(
+            hidden_size=b.hidden_size,
+            depth=b.depth,
+            num_heads=b.num_heads,
+            mlp_ratio=b.mlp_ratio,
+            pos=b.pos,
+            qk_norm=b.qk_norm,
+            cond_dropout=b.cond_dropout,
+            attn_backend=cfg.attention,
+            layout=b.layout,
+            grad_checkpointing=cfg.grad_checkpointing,
+            **self.backbone_kwargs(),
+        )
+
+    def loss(self, process, model, batch, cond: dict, generator=None) -> torch.Tensor:
+        """The training objective of one batch (a scalar to minimise). `cond` already carries the
+        condition dropout. Default: the process's denoising loss on encode(batch); a modality whose
+        objective has terms of its own (a rounding loss, a reconstruction loss) overrides this."""
+        return process.loss(self.model_fn(model), self.encode(batch), cond, generator=generator)
 
     # --- tokens -------------------------------------------------------------------------
     def backbone_kwargs(self) -> dict:

@@ -24,27 +24,13 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from backbones.dit import DiT
 from modalities import build_modality
 from train.config import load_run_config
 
 
-def build_model(cfg, modality) -> DiT:
-    """The DiT that `cfg` describes, shaped for `modality`."""
-    b = cfg.backbone
-    return DiT(
-        hidden_size=b.hidden_size,
-        depth=b.depth,
-        num_heads=b.num_heads,
-        mlp_ratio=b.mlp_ratio,
-        pos=b.pos,
-        qk_norm=b.qk_norm,
-        cond_dropout=b.cond_dropout,
-        attn_backend=cfg.attention,
-        layout=b.layout,
-        grad_checkpointing=cfg.grad_checkpointing,
-        **modality.backbone_kwargs(),
-    )
+def build_model(cfg, modality) -> torch.nn.Module:
+    """The network that `cfg` describes, built by `modality` (the DiT unless the modality says otherwise)."""
+    return modality.build_model(cfg)
 
 
 def _point(link: Path, target: str):

@@ -230,7 +230,6 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     stop = {"signal": None, "now": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
-    model_fn = modality.model_fn(model)
     tracker = BadDataTracker(cfg.data.bad_threshold)
     losses, window = [], []
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not accelerator.is_main_process, desc=run_dir.name)
@@ -246,13 +245,12 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
             state.batch_in_epoch += 1
             tracker.add(batch["n"], batch["bad"], verbose=True)
             with accelerator.accumulate(model):
-                x0 = modality.encode(batch)
                 cond = modality.cond(batch)
                 if cond:  # condition dropout for guidance, drawn from the checkpointed generator
-                    cond["drop"] = (
-                        torch.rand(x0.shape[0], generator=state.generator, device=device) < cfg.backbone.cond_dropout
-                    )
-                loss = process.loss(model_fn, x0, cond, generator=state.generator)
+                    rows = next(iter(cond.values())).shape[0]
+                    draw = torch.rand(rows, generator=state.generator, device=device)
+                    cond["drop"] = draw < cfg.backbone.cond_dropout
+                loss = modality.loss(process, model, batch, cond, generator=state.generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     # The norm is taken after the gradients were averaged over processes, so every
