@@ -21,10 +21,11 @@ PROCESSES = {
 
 def build_process(name: str, options: dict, **extra):
     """Make the process `name`, passing it the options from `diffusion:` that its constructor
-    takes plus `extra` (sizes that come from the modality, e.g. the vocabulary)."""
+    takes plus `extra` (sizes that come from the modality, e.g. the vocabulary); an option left
+    null keeps the process's own default."""
     if name not in PROCESSES:
         raise ValueError(f"modality.process={name!r} is not a noise process; choose one of {sorted(PROCESSES)}")
     cls = PROCESSES[name]
     params = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in {**dict(options), **extra}.items() if k in params}
+    kwargs = {k: v for k, v in {**dict(options), **extra}.items() if k in params and v is not None}
     return cls(**kwargs)

@@ -17,16 +17,56 @@ from diffusion.guidance import guided
 from diffusion.samplers import SAMPLERS
 
 
-def _mse(pred, target):
-    return (pred.float() - target.float()).pow(2).mean()
-
-
 class ContinuousProcess:
-    """What VP diffusion and rectified flow share: the sampler loop."""
+    """What VP diffusion and rectified flow share: the training-time density and weighting over noise
+    levels, and the sampler loop.
+
+    Training draws t from `timesteps` on [t_min, 1): "uniform", or "logit_normal" (t = sigmoid(n),
+    n ~ N(0, 1), Esser et al. 2024, Sec. 3.1), which spends the steps on the middle noise levels where
+    the target is hardest to predict. `weighting` multiplies each example's squared error:
+    "none", or "min_snr" (Hang et al. 2023): the error measured on x0 weighted by min(SNR(t), gamma),
+    i.e. the weight min(SNR, gamma) * (d x0_hat / d output)^2 on the network's own target. It stops the
+    many easy low-noise examples from dominating the gradient.
+    """
 
     t_max: float = 1.0
     t_min: float = 1e-3
     samplers = tuple(SAMPLERS)  # valid names, the first the default
+    TIMESTEPS = ("uniform", "logit_normal")
+    WEIGHTINGS = ("none", "min_snr")
+
+    def __init__(self, timesteps: str = "uniform", weighting: str = "none", snr_gamma: float = 5.0):
+        if timesteps not in self.TIMESTEPS:
+            raise ValueError(f"diffusion.timesteps={timesteps!r}; choose one of {self.TIMESTEPS}")
+        if weighting not in self.WEIGHTINGS:
+            raise ValueError(f"diffusion.weighting={weighting!r}; choose one of {self.WEIGHTINGS}")
+        if not snr_gamma > 0:
+            raise ValueError(f"diffusion.snr_gamma={snr_gamma} must be positive (Hang et al. use 5)")
+        self.timesteps, self.weighting, self.snr_gamma = timesteps, weighting, float(snr_gamma)
+
+    def draw_t(self, n: int, generator=None, device="cpu") -> torch.Tensor:
+        """n training times on [t_min, 1) from the `timesteps` density."""
+        if self.timesteps == "logit_normal":
+            u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+        else:
+            u = torch.rand(n, generator=generator, device=device)
+        return self.t_min + (1 - self.t_min) * u
+
+    def x0_error_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """|d x0_hat / d output| at t: how an error in the network's target moves the x0 estimate."""
+        raise NotImplementedError
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-example weights (B,) on the squared error of the network's target at times t."""
+        if self.weighting == "none":
+            return torch.ones_like(t)
+        snr = self.sigma_of_t(t).pow(-2)
+        return snr.clamp(max=self.snr_gamma) * self.x0_error_scale(t).pow(2)
+
+    def weighted_mse(self, pred, target, t) -> torch.Tensor:
+        """The mean over the batch of loss_weight(t) times each example's mean squared error."""
+        per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return (self.loss_weight(t) * per_example).mean()
 
     def sample_steps(self, steps: int, shape) -> int:
         """The network steps `sample` takes when asked for `steps`: exactly those."""
@@ -115,6 +155,7 @@ class GaussianVP(ContinuousProcess):
         schedule: "linear" (the continuous limit of DDPM's linear betas, beta(t) = 0.1 + 19.9 t,
             Song et al. 2021) or "cosine" (Nichol & Dhariwal 2021, Eq. 17).
         prediction: what the network predicts: "eps", "v" (Salimans & Ho 2022) or "x0".
+        timesteps, weighting, snr_gamma: the training density and weighting (ContinuousProcess).
     """
 
     SCHEDULES = ("linear", "cosine")
@@ -122,7 +163,15 @@ class GaussianVP(ContinuousProcess):
     beta0, beta1, cosine_s = 0.1, 20.0, 0.008
     min_alpha_bar = 1e-6  # cosine reaches 0 at t = 1; clip so sigma/alpha stays finite
 
-    def __init__(self, schedule: str = "cosine", prediction: str = "v"):
+    def __init__(
+        self,
+        schedule: str = "cosine",
+        prediction: str = "v",
+        timesteps: str = "uniform",
+        weighting: str = "none",
+        snr_gamma: float = 5.0,
+    ):
+        super().__init__(timesteps, weighting, snr_gamma)
         if schedule not in self.SCHEDULES:
             raise ValueError(f"diffusion.schedule={schedule!r} for gaussian; choose one of {self.SCHEDULES}")
         if prediction not in self.PREDICTIONS:
@@ -177,13 +226,18 @@ class GaussianVP(ContinuousProcess):
             return alpha * xt - sigma * out
         return out
 
+    def x0_error_scale(self, t):
+        ab = self.alpha_bar(t)
+        alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+        return {"eps": sigma / alpha, "v": sigma, "x0": torch.ones_like(t)}[self.prediction]
+
     def loss(self, model_fn, x0, cond, generator=None):
-        """Simple MSE on the chosen target, t ~ U(t_min, 1) (Ho et al. 2020, Eq. 14)."""
-        t = torch.rand(x0.shape[0], generator=generator, device=x0.device) * (1 - self.t_min) + self.t_min
+        """MSE on the chosen target (Ho et al. 2020, Eq. 14), t from `timesteps`, weighted by `weighting`."""
+        t = self.draw_t(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)
         xt, alpha, sigma = self.corrupt(x0, t, eps)
         target = {"eps": eps, "v": alpha * eps - sigma * x0, "x0": x0}[self.prediction]
-        return _mse(model_fn(xt, t, cond), target)
+        return self.weighted_mse(model_fn(xt, t, cond), target, t)
 
 
 class RectifiedFlow(ContinuousProcess):
@@ -191,18 +245,15 @@ class RectifiedFlow(ContinuousProcess):
     velocity target v = eps - x0 (Liu et al. 2023; Lipman et al. 2023).
 
     Args:
-        timesteps: training t distribution: "logit_normal" (Esser et al. 2024, SD3, m=0, s=1)
-            or "uniform".
+        timesteps, weighting, snr_gamma: the training density and weighting (ContinuousProcess);
+            here the density defaults to "logit_normal" (Esser et al. 2024, SD3, m=0, s=1).
     """
 
-    TIMESTEPS = ("logit_normal", "uniform")
     t_max = 0.999  # sigma = t / (1 - t) is infinite at t = 1
     t_min = 0.0
 
-    def __init__(self, timesteps: str = "logit_normal"):
-        if timesteps not in self.TIMESTEPS:
-            raise ValueError(f"diffusion.timesteps={timesteps!r}; choose one of {self.TIMESTEPS}")
-        self.timesteps = timesteps
+    def __init__(self, timesteps: str = "logit_normal", weighting: str = "none", snr_gamma: float = 5.0):
+        super().__init__(timesteps, weighting, snr_gamma)
 
     def sigma_of_t(self, t):
         return t / (1 - t)
@@ -217,11 +268,11 @@ class RectifiedFlow(ContinuousProcess):
     def to_x0(self, out, xt, t):
         return xt - t.view(-1, *[1] * (xt.dim() - 1)) * out.float()
 
+    def x0_error_scale(self, t):
+        return t  # x0_hat = x_t - t v_hat
+
     def loss(self, model_fn, x0, cond, generator=None):
-        """Conditional flow matching: MSE between the predicted and the path velocity."""
-        if self.timesteps == "logit_normal":
-            t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=x0.device))
-        else:
-            t = torch.rand(x0.shape[0], generator=generator, device=x0.device)
+        """Conditional flow matching: MSE between the predicted and the path velocity, weighted by `weighting`."""
+        t = self.draw_t(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-        return _mse(model_fn(self.corrupt(x0, t, eps), t, cond), eps - x0)
+        return self.weighted_mse(model_fn(self.corrupt(x0, t, eps), t, cond), eps - x0, t)

@@ -16,7 +16,9 @@ class DiffusionConfig:
 
     schedule: str = "cosine"  # gaussian: linear | cosine; masked/uniform: linear | loglinear | cosine
     prediction: str = "v"  # gaussian: eps | v | x0
-    timesteps: str = "logit_normal"  # flow: logit_normal | uniform
+    timesteps: str | None = None  # gaussian, flow: uniform | logit_normal; null: the process's own (flow: logit_normal)
+    weighting: str = "none"  # gaussian, flow: none | min_snr (Hang et al. 2023)
+    snr_gamma: float = 5.0  # weighting=min_snr: the SNR cap gamma
 
 
 @dataclass

@@ -93,3 +93,62 @@ def test_bad_names_are_reported():
         build_process("gaussian", {"prediction": "score"})
     with pytest.raises(ValueError, match="sampler='plms'"):
         build_process("gaussian", {}).sample(exact_model(PROCESSES["gaussian"]()), (2, 2), {}, sampler="plms")
+
+
+@pytest.mark.parametrize(
+    "prediction,ab,expected",
+    [
+        # Hang et al. 2023, min(SNR, gamma) on the x0 error; SNR = ab / (1 - ab), gamma = 5
+        ("v", 0.8, 4 * 0.2),  # SNR 4 under the cap: SNR * sigma^2 = ab = 0.8
+        ("v", 0.9, 5 * 0.1),  # SNR 9 capped at 5, times sigma^2 = 0.1
+        ("eps", 0.9, 5 / 9),  # min(SNR, 5) / SNR
+        ("eps", 0.5, 1.0),  # SNR 1: eps weight 1
+        ("x0", 0.9, 5.0),  # min(SNR, 5)
+        ("x0", 0.2, 0.25),  # SNR 0.25
+    ],
+)
+def test_min_snr_weights_equal_hand_computed_values(prediction, ab, expected):
+    process = build_process("gaussian", {"prediction": prediction, "weighting": "min_snr", "snr_gamma": 5.0})
+    t = torch.tensor([process.t_of_alpha_bar(ab)], dtype=torch.float64)
+    assert process.alpha_bar(t).item() == pytest.approx(ab, rel=1e-9)
+    assert process.loss_weight(t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_min_snr_weights_for_flow_and_no_weighting():
+    flow = build_process("flow", {"weighting": "min_snr", "snr_gamma": 5.0})
+    t = torch.tensor([0.2, 0.5, 0.0])
+    # SNR = ((1 - t) / t)^2 = 16, 1, inf; x0_hat = x_t - t v_hat, so the weight is min(SNR, 5) t^2
+    torch.testing.assert_close(flow.loss_weight(t), torch.tensor([5 * 0.04, 0.25, 0.0]))
+    plain = build_process("gaussian", {})
+    torch.testing.assert_close(plain.loss_weight(torch.tensor([0.1, 0.9])), torch.ones(2))
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_example_errors():
+    process = build_process("gaussian", {"prediction": "x0", "weighting": "min_snr", "snr_gamma": 2.0})
+    x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    zero = lambda xt, t, cond: torch.zeros_like(xt)
+    loss = process.loss(zero, x0, {}, generator=torch.Generator().manual_seed(1))
+    t = process.draw_t(64, torch.Generator().manual_seed(1))  # the same first draw as inside loss
+    expected = (process.loss_weight(t) * x0.pow(2).mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    unweighted = build_process("gaussian", {"prediction": "x0"}).loss(zero, x0, {}, torch.Generator().manual_seed(1))
+    assert unweighted.item() == pytest.approx(x0.pow(2).mean().item(), rel=1e-6)
+    assert loss.item() != pytest.approx(unweighted.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "flow"])
+def test_logit_normal_timesteps_concentrate_on_the_middle(name):
+    draw = lambda density: build_process(name, {"timesteps": density}).draw_t(20000, torch.Generator().manual_seed(0))
+    middle = lambda t: ((t > 0.25) & (t < 0.75)).float().mean().item()
+    # logit-normal: P(|n| < logit(0.75)) = 2 Phi(1.0986) - 1 = 0.728; uniform: 0.5
+    assert middle(draw("logit_normal")) == pytest.approx(0.728, abs=0.015)
+    assert middle(draw("uniform")) == pytest.approx(0.5, abs=0.015)
+
+
+def test_bad_density_options_are_refused_by_name():
+    with pytest.raises(ValueError, match="diffusion.weighting='snr'"):
+        build_process("gaussian", {"weighting": "snr"})
+    with pytest.raises(ValueError, match="diffusion.timesteps='beta'"):
+        build_process("flow", {"timesteps": "beta"})
+    with pytest.raises(ValueError, match="snr_gamma=0"):
+        build_process("gaussian", {"weighting": "min_snr", "snr_gamma": 0})
