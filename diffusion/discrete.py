@@ -222,9 +222,10 @@ class MaskedDiffusion(TokenProcess):
         the observed one, t = alpha^-1(1 - masked share) per row, so the output depends on x alone
         (which makes the ancestral sampler's cache exact)."""
 
-        def denoise(x):
+        def denoise(x, rows=None):
             t = self.schedule.t_of_alpha(1 - (x == self.mask_id).float().mean(-1))
-            return token_probs(model_fn(x, t, cond), self.vocab_size, temperature, top_k, top_p)
+            c = cond if rows is None else {k: v[rows] for k, v in cond.items()}
+            return token_probs(model_fn(x, t, c), self.vocab_size, temperature, top_k, top_p)
 
         return denoise
 
@@ -246,6 +247,8 @@ class MaskedDiffusion(TokenProcess):
         block=None,
         fixed=None,
         fixed_mask=None,
+        cache="row",
+        rows_per_call=8,
     ):
         """Draw token ids, starting from all [MASK] except the `fixed` tokens.
 
@@ -256,17 +259,23 @@ class MaskedDiffusion(TokenProcess):
             fixed, fixed_mask: (N,) or (B, N) ids and bool, tokens held from the start (prompts, infilling).
             temperature, top_k, top_p: applied to every per-token distribution.
             callback: callback(i, x0_hat) at every step.
+            cache, rows_per_call: the ancestral sampler's network cache ("row", "batch" or "off"; all
+                give the same samples) and sequences per network call (see sample_ancestral).
         Returns:
             (B, N) ids in [0, V).
         """
         check_sampler(sampler, self.samplers, "masked diffusion")
+        if sampler != "ancestral" and (cache, rows_per_call) != ("row", 8):
+            raise ValueError(f"cache= and rows_per_call= apply to the ancestral sampler, not {sampler}")
         denoise = self.denoiser(guided(model_fn, guidance, cond), cond, temperature, top_k, top_p)
         x, _ = start_tokens(shape, device, torch.full(shape, self.mask_id, device=device), fixed, fixed_mask)
         options = dict(mask_id=self.mask_id, generator=generator, callback=callback)
         if sampler == "blocks":
             return sample_blocks(denoise, x, steps, block=block or max(1, shape[1] // 4), **options)
-        sample = sample_ancestral if sampler == "ancestral" else sample_confidence
-        return sample(denoise, x, time_grid(self.schedule, steps, device)[1], **options)
+        alphas = time_grid(self.schedule, steps, device)[1]
+        if sampler == "ancestral":
+            return sample_ancestral(denoise, x, alphas, cache=cache, rows_per_call=rows_per_call, **options)
+        return sample_confidence(denoise, x, alphas, **options)
 
 
 class UniformDiffusion(TokenProcess):

@@ -40,13 +40,24 @@ def test_sweeps_every_sampler_and_step_count(text_run, tmp_path):
         assert r["sequences_per_s"] > 0 and r["generative_perplexity"] > 1
         assert 0 < r["unigram_entropy_bits"] <= r["data_unigram_entropy_bits"] + 2
     markdown = table.read_text().splitlines()
-    assert markdown[0].startswith("| sampler | steps |") and len(markdown) == 2 + len(found)
+    assert markdown[0].startswith("| sampler | cache | steps |") and len(markdown) == 2 + len(found)
     assert f"5 rows for {ckpt} (1 skipped: blocks@2); table written to {table}" in out
 
     again = rows(decoding(*common, "--steps", 5, "--samplers", "confidence").stdout)[0]
     first = next(r for r in found if (r["sampler"], r["steps"]) == ("confidence", 5))
     for key in ("generative_perplexity", "unigram_entropy_bits", "example"):
         assert again[key] == first[key]  # same seed, same samples, same scores
+
+
+def test_caches_give_the_same_samples_with_fewer_evaluations(text_run):
+    ckpt = text_run().run_dir / "checkpoints" / "last"
+    argv = ["--samplers", "ancestral", "--caches", "off", "batch", "row", "--steps", 128, "--n", 16, "--batch", 16]
+    off, batch, row = rows(decoding("--ckpt", ckpt, *argv).stdout)
+    assert (off["cache"], batch["cache"], row["cache"]) == ("off", "batch", "row")
+    assert off["same_samples"] is None and batch["same_samples"] is True and row["same_samples"] is True
+    # 32 tokens a sequence change in at most 32 of the 128 steps; calls are 8 sequences, padded
+    assert off["evaluations_per_sequence"] == 128
+    assert row["evaluations_per_sequence"] < 0.6 * batch["evaluations_per_sequence"] <= 0.6 * 128
 
 
 def test_unknown_sampler_and_bad_counts_are_named(text_run):

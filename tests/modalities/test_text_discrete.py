@@ -186,13 +186,15 @@ def prompt(n_fixed, length=32):
 def test_ancestral_never_changes_a_known_token_and_caches(random_model):
     spy, process = Spy(random_model), MaskedDiffusion(V, V, "loglinear")
     generator = torch.Generator().manual_seed(0)
-    x = process.sample(spy, (3, 32), {}, steps=500, sampler="ancestral", generator=generator, **prompt(5))
+    x = process.sample(spy, (3, 32), {}, steps=500, sampler="ancestral", generator=generator, cache="off", **prompt(5))
     assert (x < V).all() and (x[:, :5] == torch.arange(5)).all()
     steps = spy.inputs + [x]
     for before, after in zip(steps, steps[1:]):
         known = before != V
         assert torch.equal(after[known], before[known])
-    assert len(spy.inputs) <= 3 * 27 + 1 < 500  # a network call only after some token was unmasked
+    spy = Spy(random_model)
+    process.sample(spy, (3, 32), {}, steps=500, sampler="ancestral", generator=generator, **prompt(5))
+    assert len(spy.inputs) <= 3 * 27 + 1 < 500  # a network call only after some token of a sequence was unmasked
 
 
 @pytest.mark.parametrize("sampler", ["confidence", "blocks"])
@@ -457,3 +459,68 @@ def test_autoregressive_sampling_reports_one_step_per_token(tmp_path, capsys, te
     # `steps` has no say left to right: 32 tokens take 32 network calls, and the previews span them all
     assert "32 steps" in out and "x0 previews at steps [0, 4, 9, 13, 18, 22, 27, 31]" in out
     assert open(path, encoding="utf-8").read().split("\n", 1)[1].startswith("the")
+
+
+@pytest.fixture
+def text_dit():
+    """A randomly initialised tiny DiT for text: its output depends on its input alone."""
+    from modalities import build_modality
+    from tests.conftest import TINY_TEXT, compose_cfg
+
+    cfg = compose_cfg([*TINY_TEXT, f"modality.vocab={V}"])
+    modality = build_modality(cfg.modality, cfg.backbone.patch, cfg.data)
+    torch.manual_seed(0)
+    model = modality.build_model(cfg).eval()
+    for p in model.parameters():  # adaLN-Zero starts as the identity: give every layer a say
+        torch.nn.init.normal_(p, std=0.2)
+    return modality.model_fn(model)
+
+
+def counting(model_fn):
+    def call(xt, t, cond):
+        call.rows += xt.shape[0]
+        call.calls += 1
+        return model_fn(xt, t, cond)
+
+    call.rows = call.calls = 0
+    return call
+
+
+def test_per_sequence_cache_gives_the_uncached_samples_with_fewer_evaluations(text_dit):
+    process = MaskedDiffusion(V, V, "loglinear")
+    samples, rows, calls = {}, {}, {}
+    for cache in ("off", "batch", "row"):
+        fn = counting(text_dit)
+        generator = torch.Generator().manual_seed(3)
+        samples[cache] = process.sample(
+            fn, (10, 32), {}, steps=200, generator=generator, cache=cache, rows_per_call=4, **prompt(6)
+        )
+        rows[cache], calls[cache] = fn.rows, fn.calls
+    assert torch.equal(samples["row"], samples["off"]) and torch.equal(samples["batch"], samples["off"])
+    assert (samples["row"][:, :6] == torch.arange(6)).all() and (samples["row"] < V).all()
+    # 10 sequences x 200 steps, in calls of 4 (10 rows padded to 12); each sequence has 26 tokens to
+    # unmask, so it is evaluated at most 27 times, plus at most 3 padding rows a call
+    assert rows["off"] == 200 * 12
+    assert rows["row"] - 3 * calls["row"] <= 10 * 27
+    assert rows["row"] < rows["batch"] / 2 and rows["batch"] < rows["off"]
+
+
+def test_a_rows_network_output_does_not_depend_on_its_call_mates(text_dit):
+    from diffusion.discrete_samplers import evaluate_rows
+
+    process = MaskedDiffusion(V, V, "loglinear")
+    denoise = process.denoiser(text_dit, {}, 1.0, None, None)
+    x = torch.randint(V + 1, (9, 32), generator=torch.Generator().manual_seed(0))
+    everyone = evaluate_rows(denoise, x, torch.arange(9), 4)
+    alone = evaluate_rows(denoise, x, torch.tensor([7, 2]), 4)
+    assert torch.equal(alone, everyone[[7, 2]])
+
+
+def test_bad_cache_options_are_refused(text_dit):
+    process = MaskedDiffusion(V, V, "loglinear")
+    with pytest.raises(ValueError, match="cache='rows'"):
+        process.sample(text_dit, (2, 32), {}, steps=4, cache="rows")
+    with pytest.raises(ValueError, match="rows_per_call=0"):
+        process.sample(text_dit, (2, 32), {}, steps=4, rows_per_call=0)
+    with pytest.raises(ValueError, match="apply to the ancestral sampler, not confidence"):
+        process.sample(text_dit, (2, 32), {}, steps=4, sampler="confidence", cache="off")
