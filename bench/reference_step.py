@@ -33,12 +33,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from einops import rearrange
+from omegaconf import OmegaConf
 from throughput import Timer  # bench/ is the script's own folder, first on sys.path
 
 from backbones.dit import DiT
 from diffusion.guidance import guided
 from infer.cli import pick_device
+from modalities.image import Image, ImageConfig
 
 PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12)}  # DiT-S/2 and DiT-B/2: width, depth, heads (Peebles & Xie 2023)
 CHANNELS, PATCH, CLASSES = 4, 2, 1000
@@ -79,27 +80,23 @@ def latent_side(tokens: int) -> int:
 
 
 class Polydiff(torch.nn.Module):
-    """polydiff's DiT behind the image modality's patching: (B, C, H, W) -> (B, C, H, W)."""
+    """polydiff's DiT behind the image modality's own patching (its model_fn): (B, C, H, W) -> (B, C, H, W)."""
 
     name = "polydiff"
 
     def __init__(self, width, depth, heads, side, attention):
         super().__init__()
-        dim = PATCH * PATCH * CHANNELS
-        self.dit = DiT(dim, dim, width, depth, heads, num_classes=CLASSES, attn_backend=attention)
-        h = side // PATCH
-        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(h), indexing="ij")
-        self.register_buffer("positions", torch.stack([ys, xs], -1).reshape(-1, 2), persistent=False)
+        cfg = OmegaConf.structured(ImageConfig(size=side, channels=CHANNELS, classes=[str(i) for i in range(CLASSES)]))
+        self.image = Image(cfg, PATCH)
+        kwargs = self.image.backbone_kwargs()  # in and out widths, 1000 classes
+        self.dit = DiT(hidden_size=width, depth=depth, num_heads=heads, attn_backend=attention, **kwargs)
+        self.model_fn = self.image.model_fn(self.dit)
 
     def forward(self, x, t, y, drop=None):
-        tokens = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=PATCH, p2=PATCH)
-        out = self.dit(tokens, self.positions, t, label=y, drop=drop)
-        h = x.shape[-2] // PATCH
-        return rearrange(out, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=PATCH, p2=PATCH)
+        return self.model_fn(x, t, {"label": y, "drop": drop})
 
     def guided(self, x, t, y, scale):
-        fn = guided(lambda xt, tt, cond: self(xt, tt, **cond), scale, {"y": y})
-        return fn(x, t, {"y": y})
+        return guided(self.model_fn, scale, {"label": y})(x, t, {"label": y})
 
 
 class Reference(torch.nn.Module):

@@ -247,8 +247,8 @@ class MaskedDiffusion(TokenProcess):
         block=None,
         fixed=None,
         fixed_mask=None,
-        cache="row",
-        rows_per_call=8,
+        cache=None,
+        rows_per_call=None,
     ):
         """Draw token ids, starting from all [MASK] except the `fixed` tokens.
 
@@ -260,12 +260,14 @@ class MaskedDiffusion(TokenProcess):
             temperature, top_k, top_p: applied to every per-token distribution.
             callback: callback(i, x0_hat) at every step.
             cache, rows_per_call: the ancestral sampler's network cache ("row", "batch" or "off"; all
-                give the same samples) and sequences per network call (see sample_ancestral).
+                give the same samples) and sequences per network call (see sample_ancestral);
+                None: its defaults.
         Returns:
             (B, N) ids in [0, V).
         """
         check_sampler(sampler, self.samplers, "masked diffusion")
-        if sampler != "ancestral" and (cache, rows_per_call) != ("row", 8):
+        cache_options = {k: v for k, v in {"cache": cache, "rows_per_call": rows_per_call}.items() if v is not None}
+        if sampler != "ancestral" and cache_options:
             raise ValueError(f"cache= and rows_per_call= apply to the ancestral sampler, not {sampler}")
         denoise = self.denoiser(guided(model_fn, guidance, cond), cond, temperature, top_k, top_p)
         x, _ = start_tokens(shape, device, torch.full(shape, self.mask_id, device=device), fixed, fixed_mask)
@@ -274,7 +276,7 @@ class MaskedDiffusion(TokenProcess):
             return sample_blocks(denoise, x, steps, block=block or max(1, shape[1] // 4), **options)
         alphas = time_grid(self.schedule, steps, device)[1]
         if sampler == "ancestral":
-            return sample_ancestral(denoise, x, alphas, cache=cache, rows_per_call=rows_per_call, **options)
+            return sample_ancestral(denoise, x, alphas, **cache_options, **options)
         return sample_confidence(denoise, x, alphas, **options)
 
 
