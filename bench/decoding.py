@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from diffusion import build_process
 from infer.cli import pick_device
-from modalities.text_discrete import chunks, generative_perplexity, unigram_entropy
+from modalities.text_metrics import chunks, generative_perplexity, unigram_entropy
 from train.checkpoint import load_model
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128, 256)

@@ -16,6 +16,8 @@ import torch
 from diffusion.guidance import guided
 from diffusion.samplers import SAMPLERS
 
+SELF_COND = "x0_self"  # the condition key of the self-conditioning estimate
+
 
 class ContinuousProcess:
     """What VP diffusion and rectified flow share: the training-time density and weighting over noise
@@ -68,6 +70,17 @@ class ContinuousProcess:
         per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         return (self.loss_weight(t) * per_example).mean()
 
+    def self_conditioned(self, model_fn, xt, t, cond, generator=None) -> dict:
+        """`cond` plus SELF_COND, the x0 estimate a network trained with self-conditioning (Chen et al.
+        2023, "Analog Bits", Sec. 3.3) sees beside x_t: for a random half of the examples the network's
+        own estimate from a first pass without it (no gradient), zeros for the rest; so the network
+        learns both to start from nothing and to refine an estimate, as it does along a sampling run."""
+        b = xt.shape[0]
+        with torch.no_grad():
+            first = self.to_x0(model_fn(xt, t, {**cond, SELF_COND: torch.zeros_like(xt)}), xt, t)
+        keep = (torch.rand(b, generator=generator, device=xt.device) < 0.5).view(-1, *[1] * (xt.dim() - 1))
+        return {**cond, SELF_COND: torch.where(keep, first, torch.zeros_like(first)).to(xt.dtype)}
+
     def sample_steps(self, steps: int, shape) -> int:
         """The network steps `sample` takes when asked for `steps`: exactly those."""
         return steps
@@ -89,15 +102,28 @@ class ContinuousProcess:
         t = torch.linspace(self.t_max, self.t_min, steps, dtype=torch.float64)
         return torch.cat([self.sigma_of_t(t), torch.zeros(1, dtype=torch.float64)])
 
-    def denoiser(self, model_fn, cond, x0_hook=None):
-        """D(x, sigma) -> x0_hat in the sampler's coordinates, corrected by x0_hook when given."""
+    def denoiser(self, model_fn, cond, x0_hook=None, sigmas=None, self_condition=False):
+        """D(x, sigma) -> x0_hat in the sampler's coordinates, corrected by x0_hook when given.
+
+        self_condition: pass the previous call's x0 estimate (before the hook, as in training) to
+        the network as cond[SELF_COND], zeros at the first call.
+
+        x0_hook is called as x0_hook(x0_hat, progress), progress = i / (len(sigmas) - 1) for the
+        sampler's noise level sigmas[i] (0 at pure noise, towards 1 at the data; 0 when `sigmas` is
+        not given); a second-order sampler's evaluation at sigmas[i + 1] counts as step i + 1."""
+        position = {} if sigmas is None else {float(s): i / (len(sigmas) - 1) for i, s in enumerate(sigmas)}
+
+        previous = {}
 
         def denoise(x, sigma: float):
             t, c = self.native(sigma)
             xt = x * c
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-            x0_hat = self.to_x0(model_fn(xt, tt, cond), xt, tt)
-            return x0_hat if x0_hook is None else x0_hook(x0_hat)
+            if self_condition:
+                given = {**cond, SELF_COND: previous.get("x0", torch.zeros_like(xt))}
+            x0_hat = self.to_x0(model_fn(xt, tt, given if self_condition else cond), xt, tt)
+            previous["x0"] = x0_hat.to(xt.dtype)
+            return x0_hat if x0_hook is None else x0_hook(x0_hat, position.get(float(sigma), 0.0))
 
         return denoise
 
@@ -114,6 +140,7 @@ class ContinuousProcess:
         device="cpu",
         callback=None,
         x0_hook=None,
+        self_condition=False,
         **sampler_options,
     ):
         """Draw x0 samples.
@@ -124,11 +151,15 @@ class ContinuousProcess:
             steps: sampler steps; sampler: a name in SAMPLERS; guidance: classifier-free
                 guidance scale (1 = conditional only).
             callback: called as callback(i, x0_preview) at every step.
-            x0_hook: x0_hat -> corrected x0_hat, applied to the denoiser's estimate at every step,
-                so a modality steers sampling without touching the samplers: holding known
-                values fixed (a given first frame, replacement as in RePaint, Lugmayr et al.
-                2022) or projecting onto valid data. Every sampler's last step to sigma = 0
-                returns the estimate itself, so what the hook fixes holds exactly in the output.
+            x0_hook: (x0_hat, progress) -> corrected x0_hat, applied to the denoiser's estimate at
+                every step (progress: the share of the steps done, 0 at pure noise), so a modality
+                steers sampling without touching the samplers: holding known values fixed (a given
+                first frame, replacement as in RePaint, Lugmayr et al. 2022) or projecting onto
+                valid data (the clamping trick of Diffusion-LM, Li et al. 2022, from some progress
+                on). Every sampler's last step to sigma = 0 returns the estimate itself, so what the
+                hook fixes holds exactly in the output.
+            self_condition: for a network trained with self-conditioning (see self_conditioned):
+                feed it its previous x0 estimate at every step.
         Returns:
             x0 samples of `shape`.
         """
@@ -144,7 +175,7 @@ class ContinuousProcess:
         noise = torch.randn(shape, generator=generator, device=device)
         x = noise / self.native(float(sigmas[0]))[1]
         hook = None if callback is None else (lambda i, x, sigma, denoised: callback(i, denoised))
-        denoise = self.denoiser(guided(model_fn, guidance, cond), cond, x0_hook)
+        denoise = self.denoiser(guided(model_fn, guidance, cond), cond, x0_hook, sigmas, self_condition)
         return SAMPLERS[sampler](denoise, x, sigmas, generator=generator, callback=hook, **sampler_options)
 
 
@@ -153,14 +184,16 @@ class GaussianVP(ContinuousProcess):
 
     Args:
         schedule: "linear" (the continuous limit of DDPM's linear betas, beta(t) = 0.1 + 19.9 t,
-            Song et al. 2021) or "cosine" (Nichol & Dhariwal 2021, Eq. 17).
+            Song et al. 2021), "cosine" (Nichol & Dhariwal 2021, Eq. 17) or "sqrt"
+            (alpha_bar = 1 - sqrt(t + s), Li et al. 2022, Sec. 4.2: noise rises fast at the start,
+            where the cosine schedule leaves discrete data such as word embeddings trivially easy).
         prediction: what the network predicts: "eps", "v" (Salimans & Ho 2022) or "x0".
         timesteps, weighting, snr_gamma: the training density and weighting (ContinuousProcess).
     """
 
-    SCHEDULES = ("linear", "cosine")
+    SCHEDULES = ("linear", "cosine", "sqrt")
     PREDICTIONS = ("eps", "v", "x0")
-    beta0, beta1, cosine_s = 0.1, 20.0, 0.008
+    beta0, beta1, cosine_s, sqrt_s = 0.1, 20.0, 0.008, 1e-4
     min_alpha_bar = 1e-6  # cosine reaches 0 at t = 1; clip so sigma/alpha stays finite
 
     def __init__(
@@ -190,6 +223,8 @@ class GaussianVP(ContinuousProcess):
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         if self.schedule == "linear":
             ab = torch.exp(-(self.beta0 * t + 0.5 * (self.beta1 - self.beta0) * t**2))
+        elif self.schedule == "sqrt":
+            ab = 1 - torch.sqrt(t + self.sqrt_s)
         else:
             f = lambda u: torch.cos((u + self.cosine_s) / (1 + self.cosine_s) * math.pi / 2) ** 2
             ab = f(t) / f(torch.zeros_like(t))
@@ -199,6 +234,8 @@ class GaussianVP(ContinuousProcess):
         if self.schedule == "linear":  # solve 0.5 (b1 - b0) t^2 + b0 t + log(ab) = 0
             db = self.beta1 - self.beta0
             return (-self.beta0 + math.sqrt(self.beta0**2 - 2 * db * math.log(ab))) / db
+        if self.schedule == "sqrt":
+            return min(1.0, max(0.0, (1 - ab) ** 2 - self.sqrt_s))
         f0 = math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2) ** 2
         return min(1.0, math.acos(math.sqrt(ab * f0)) * 2 / math.pi * (1 + self.cosine_s) - self.cosine_s)
 
@@ -231,13 +268,49 @@ class GaussianVP(ContinuousProcess):
         alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
         return {"eps": sigma / alpha, "v": sigma, "x0": torch.ones_like(t)}[self.prediction]
 
-    def loss(self, model_fn, x0, cond, generator=None):
-        """MSE on the chosen target (Ho et al. 2020, Eq. 14), t from `timesteps`, weighted by `weighting`."""
+    def loss_and_x0(self, model_fn, x0, cond, generator=None, self_condition=False):
+        """MSE on the chosen target (Ho et al. 2020, Eq. 14), t from `timesteps`, weighted by
+        `weighting`; with the network's x0 estimate, for objectives that add terms on it.
+        self_condition: train the network to take its own estimate too (see self_conditioned)."""
         t = self.draw_t(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)
         xt, alpha, sigma = self.corrupt(x0, t, eps)
         target = {"eps": eps, "v": alpha * eps - sigma * x0, "x0": x0}[self.prediction]
-        return self.weighted_mse(model_fn(xt, t, cond), target, t)
+        if self_condition:
+            cond = self.self_conditioned(model_fn, xt, t, cond, generator)
+        out = model_fn(xt, t, cond)
+        return self.weighted_mse(out, target, t), self.to_x0(out, xt, t)
+
+    def bound(self, model_fn, x0, cond, mc_timesteps: int, generator=None) -> torch.Tensor:
+        """The diffusion and prior terms of the variational bound on -log p(x0), in nats per example.
+
+        The continuous-time diffusion loss from t_min to t_max (Kingma et al. 2021, Eq. 17) written in
+        lambda = log SNR, where it is 1/2 int exp(lambda) ||x0 - x0_hat(z_lambda)||^2 d lambda, and
+        estimated with `mc_timesteps` lambdas uniform on that range: the importance sampling that keeps
+        the estimate's variance small (uniform t puts a 1/t-heavy tail near t_min); plus
+        KL(q(z_t_max | x0) || N(0, I)). What it leaves out is the decoder term -log p(x0 | z_t_min),
+        which depends on what x0 is (text adds its rounding decoder's cross-entropy there).
+
+        Returns:
+            (B,) nats summed over each example's elements.
+        """
+        b, device = x0.shape[0], x0.device
+        ends = self.sigma_of_t(torch.tensor([self.t_min, self.t_max], dtype=torch.float64)).pow(-2).log()
+        total = torch.zeros(b, dtype=torch.float64, device=device)
+        for _ in range(mc_timesteps):
+            lam = ends[1] + (ends[0] - ends[1]) * torch.rand(b, generator=generator, device=device).double().cpu()
+            t = torch.tensor([self.native(s)[0] for s in torch.exp(-lam / 2).tolist()], device=device)
+            eps = torch.randn(x0.shape, generator=generator, device=device)
+            xt = self.corrupt(x0, t, eps)[0]
+            error = (x0.float() - self.to_x0(model_fn(xt, t, cond), xt, t)).pow(2).flatten(1).sum(1)
+            total += 0.5 * (ends[0] - ends[1]) * lam.exp().to(device) * error.double()
+        ab1 = self.alpha_bar(torch.tensor(self.t_max, device=device, dtype=torch.float64))
+        prior = 0.5 * (ab1 * x0.double().pow(2) + (1 - ab1) - 1 - torch.log(1 - ab1)).flatten(1).sum(1)
+        return total / mc_timesteps + prior
+
+    def loss(self, model_fn, x0, cond, generator=None):
+        """The training loss of loss_and_x0."""
+        return self.loss_and_x0(model_fn, x0, cond, generator)[0]
 
 
 class RectifiedFlow(ContinuousProcess):
@@ -271,8 +344,18 @@ class RectifiedFlow(ContinuousProcess):
     def x0_error_scale(self, t):
         return t  # x0_hat = x_t - t v_hat
 
-    def loss(self, model_fn, x0, cond, generator=None):
-        """Conditional flow matching: MSE between the predicted and the path velocity, weighted by `weighting`."""
+    def loss_and_x0(self, model_fn, x0, cond, generator=None, self_condition=False):
+        """Conditional flow matching: MSE between the predicted and the path velocity, weighted by
+        `weighting`; with the network's x0 estimate, for objectives that add terms on it.
+        self_condition: train the network to take its own estimate too (see self_conditioned)."""
         t = self.draw_t(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-        return self.weighted_mse(model_fn(self.corrupt(x0, t, eps), t, cond), eps - x0, t)
+        xt = self.corrupt(x0, t, eps)
+        if self_condition:
+            cond = self.self_conditioned(model_fn, xt, t, cond, generator)
+        out = model_fn(xt, t, cond)
+        return self.weighted_mse(out, eps - x0, t), self.to_x0(out, xt, t)
+
+    def loss(self, model_fn, x0, cond, generator=None):
+        """The training loss of loss_and_x0."""
+        return self.loss_and_x0(model_fn, x0, cond, generator)[0]

@@ -70,6 +70,7 @@ RANGES = {
     "guidance": (lambda v: v >= 0, ">= 0 (0: unconditional, 1: no guidance, above 1: stronger)"),
     "eta": (lambda v: 0 <= v <= 1, "in 0..1 (0: deterministic DDIM, 1: DDPM)"),
     "block": (lambda v: v >= 1, "at least 1 token"),
+    "clamp_from": (lambda v: 0 <= v <= 1, "a share of the steps in 0..1"),
     "temperature": (lambda v: v > 0, "above 0"),
     "top_k": (lambda v: v >= 1, "at least 1"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),

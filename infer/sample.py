@@ -2,6 +2,7 @@
 
 python infer/sample.py ckpt=runs/<run>/checkpoints/last steps=50 sampler=dpmpp_2m guidance=3 label=3
 python infer/sample.py ckpt=runs/<video run>/checkpoints/last first_frame=frame.png     # image-to-video
+python infer/sample.py ckpt=runs/<text run>/checkpoints/last prompt="ROMEO:" suffix="."   # text infilling
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from infer.cli import check_request, parse, pick_device, sampling_plan
 from train.checkpoint import load_model
 from train.health import warn_if_degenerate
 
-REQUESTS = ("label", "prompt", "first_frame")  # what a sample may be asked for; each modality says which it takes
+# what a sample may be asked for; each modality says which it takes
+REQUESTS = ("label", "prompt", "suffix", "template", "clamp", "clamp_from", "decode", "first_frame")
 
 
 @dataclass
@@ -36,6 +38,11 @@ class SampleArgs:
     seed: int = 0
     label: Any = None  # class index or name (models trained with labels)
     prompt: str | None = None  # text models: fixed prefix
+    suffix: str | None = None  # text diffusion models: fixed end of every sample
+    template: str | None = None  # text diffusion models: the whole sample with [n] holes of n free tokens
+    clamp: bool | None = None  # continuous text: the clamping trick (default: the model's modality.clamp)
+    clamp_from: float | None = None  # continuous text: share of the steps before clamping starts
+    decode: str | None = None  # continuous text: argmax (rounding decoder) | nearest (nearest embedding)
     first_frame: str | None = None  # video models: an image file held as frame 0 (image-to-video)
     eta: float | None = None  # ddim: 0 deterministic .. 1 DDPM
     block: int | None = None  # discrete text, sampler=blocks: block length
@@ -55,7 +62,7 @@ def sample(args) -> str:
     request = check_request(modality, {k: args[k] for k in REQUESTS if args[k] is not None})
     steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device, request)
     options = {k: args[k] for k in ("eta", "block", "temperature", "top_k", "top_p") if args[k] is not None}
-    options.update(modality.sample_options(**request))
+    options.update(modality.sample_options(model, **request))
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     cond = modality.sample_cond(args.n, device, **request)  # drawn once, so label grids cycle across chunks
@@ -81,13 +88,13 @@ def sample(args) -> str:
             **options,
         )
         warn_if_degenerate(x0, f"samples from {args.ckpt}")
-        chunks.append(modality.decode(x0))
+        chunks.append(modality.decode(x0, model, **request))
     samples = torch.cat(chunks) if isinstance(chunks[0], torch.Tensor) else sum(chunks, [])
     out = args.out or str(Path(args.ckpt) / "samples" / f"{sampler}-{steps}steps-g{guidance:g}-seed{args.seed}")
     path = modality.save(samples, out)
     if previews:  # rows: the first samples; columns: time from noise to the answer
         stacked = torch.stack(previews, dim=1).flatten(0, 1)
-        preview_path = modality.save(modality.decode(stacked), f"{out}-preview")
+        preview_path = modality.save(modality.decode(stacked, model, **request), f"{out}-preview")
         print(f"x0 previews at steps {keep}: {preview_path}")
     print(f"wrote {args.n} samples ({sampler}, {steps} steps, guidance {guidance:g}, seed {args.seed}) to {path}")
     return path

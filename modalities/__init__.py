@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from modalities.audio import Audio
 from modalities.image import Image
+from modalities.text_continuous import TextContinuous
 from modalities.text_discrete import TextDiscrete
 from modalities.video import Video
 
 MODALITIES = {
     "audio": Audio,
     "image": Image,
+    "text_continuous": TextContinuous,
     "text_discrete": TextDiscrete,
     "video": Video,
 }

@@ -155,7 +155,7 @@ class Audio(Modality):
     def cond(self, batch):
         return {"label": batch["label"]} if self.cfg.conditional else {}
 
-    def decode(self, x0):
+    def decode(self, x0, model=None, **request):
         """x0 (B, 1, n_mels, frames) -> (B, samples) waveforms in [-1, 1], by least-squares inversion
         of the mel filters and Griffin-Lim phase recovery (Griffin & Lim 1984)."""
         mean, std = self._stats(x0.device)

@@ -14,7 +14,7 @@ from backbones.dit import DiT
 class DiffusionConfig:
     """Options of the noise processes; each process reads the ones its constructor takes."""
 
-    schedule: str = "cosine"  # gaussian: linear | cosine; masked/uniform: linear | loglinear | cosine
+    schedule: str = "cosine"  # gaussian: linear | cosine | sqrt; masked/uniform: linear | loglinear | cosine
     prediction: str = "v"  # gaussian: eps | v | x0
     timesteps: str | None = None  # gaussian, flow: uniform | logit_normal; null: the process's own (flow: logit_normal)
     weighting: str = "none"  # gaussian, flow: none | min_snr (Hang et al. 2023)
@@ -105,8 +105,14 @@ class Modality:
         """Raw batch -> condition tensors for the backbone (label, cond, context...)."""
         return {}
 
-    def decode(self, x0):
-        """x0 -> user-facing data (pixels in [0, 1], waveforms, strings)."""
+    def decode(self, x0, model=None, **request):
+        """x0 -> user-facing data (pixels in [0, 1], waveforms, strings).
+
+        Args:
+            model: the network that drew x0, for a modality whose way back to data is part of what
+                training learnt (text embeddings and their rounding decoder); others ignore it.
+            request: what the user asked of sampling (the keys of `requests`, e.g. decode=nearest).
+        """
         return x0
 
     def save(self, samples, path) -> str:
@@ -196,7 +202,9 @@ class Modality:
             "path": self.data_path and str(Path(self.data_path).resolve()),
         }
 
-    def sample_options(self, **request) -> dict:
-        """Extra keyword arguments for the process's sample() from the user's request
-        (e.g. fixed prompt tokens for discrete text). Default: none."""
+    def sample_options(self, model=None, **request) -> dict:
+        """Extra keyword arguments for the process's sample() from the user's request (e.g. fixed
+        prompt tokens for discrete text, an x0_hook for continuous processes). `model` is the network
+        that samples, for hooks that read its weights (the clamping trick reads the embedding table).
+        Default: none."""
         return {}

@@ -93,7 +93,7 @@ class Image(Modality):
     def cond(self, batch):
         return {"label": batch["label"]} if self.cfg.conditional else {}
 
-    def decode(self, x0):
+    def decode(self, x0, model=None, **request):
         return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, H, W) in [0, 1]
 
     def save(self, samples, path):

@@ -106,7 +106,7 @@ class Video(Modality):
     def cond(self, batch):
         return {"label": batch["label"]} if self.cfg.conditional else {}
 
-    def decode(self, x0):
+    def decode(self, x0, model=None, **request):
         return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, T, H, W) in [0, 1]
 
     def save(self, samples, path):
@@ -146,7 +146,7 @@ class Video(Modality):
     def sample_cond(self, n, device, label=None, **request):
         return label_cond(self.cfg, self.classes if self.cfg.conditional else [], n, device, label)
 
-    def sample_options(self, first_frame=None, **request):
+    def sample_options(self, model=None, first_frame=None, **request):
         """first_frame=<image file>: image-to-video. The image, centre-cropped and resized like the
         training frames, replaces frame 0 of the x0 estimate at every step (the replacement
         method of inpainting, Lugmayr et al. 2022 without resampling), so the clip is generated
@@ -160,7 +160,7 @@ class Video(Modality):
         except OSError as e:
             raise ValueError(f"first_frame={first_frame}: cannot read as an image ({e})") from e
 
-        def hold_first_frame(x0_hat):
+        def hold_first_frame(x0_hat, progress):
             x0_hat = x0_hat.clone()
             x0_hat[:, :, 0] = frame.to(x0_hat)
             return x0_hat

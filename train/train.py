@@ -161,10 +161,10 @@ def draw_samples(cfg, modality, process, ema_model, device, path: Path, seed: in
         guidance=s.guidance,
         generator=generator,
         device=device,
-        **modality.sample_options(),
+        **modality.sample_options(ema_model),
     )
     warn_if_degenerate(x0, f"samples {path}")
-    return modality.save(modality.decode(x0), path)
+    return modality.save(modality.decode(x0, ema_model), path)
 
 
 @dataclass

@@ -9,8 +9,11 @@ from diffusion.guidance import guided
 from diffusion.samplers import SAMPLERS
 
 MU, SD = 0.5, 0.3
+# sqrt's lowest noise level is sigma ~ 0.18 by design (Diffusion-LM's), so its samples are posterior means
+# there and narrower than the data: it is checked by the loss and schedule tests, not by distribution recovery.
 CONTINUOUS = [("gaussian", {"schedule": s, "prediction": p}) for s in ("linear", "cosine") for p in ("eps", "v", "x0")]
 CONTINUOUS += [("flow", {"timesteps": "uniform"})]
+SQRT = [("gaussian", {"schedule": "sqrt", "prediction": p}) for p in ("eps", "v", "x0")]
 
 
 def exact_model(process):
@@ -54,7 +57,7 @@ def test_sampling_is_deterministic_under_a_seed(sampler):
 
 
 def test_exact_model_has_lower_loss_than_a_wrong_one():
-    for name, options in CONTINUOUS:
+    for name, options in CONTINUOUS + SQRT:
         process = build_process(name, options)
         x0 = MU + SD * torch.randn(2048, 4, generator=torch.Generator().manual_seed(0))
         good = process.loss(exact_model(process), x0, {}, generator=torch.Generator().manual_seed(1))
@@ -152,3 +155,69 @@ def test_bad_density_options_are_refused_by_name():
         build_process("flow", {"timesteps": "beta"})
     with pytest.raises(ValueError, match="snr_gamma=0"):
         build_process("gaussian", {"weighting": "min_snr", "snr_gamma": 0})
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "sqrt"])
+def test_every_schedule_maps_sigma_back_to_its_time(schedule):
+    """native(sigma) must find the t whose sigma it is, or samplers run at the wrong noise levels."""
+    process = build_process("gaussian", {"schedule": schedule})
+    for t in (0.001, 0.05, 0.3, 0.7, 0.95):
+        sigma = process.sigma_of_t(torch.tensor(t, dtype=torch.float64)).item()
+        assert process.native(sigma)[0] == pytest.approx(t, rel=1e-6, abs=1e-9)
+
+
+def test_sqrt_schedule_adds_noise_faster_than_cosine_early_on():
+    sqrt, cosine = build_process("gaussian", {"schedule": "sqrt"}), build_process("gaussian", {"schedule": "cosine"})
+    t = torch.tensor([0.01, 0.05, 0.1])
+    assert (sqrt.alpha_bar(t) < cosine.alpha_bar(t) - 0.09).all()
+    assert sqrt.alpha_bar(torch.tensor(0.0)).item() == pytest.approx(0.99)  # 1 - sqrt(1e-4)
+
+
+def test_bound_is_exact_for_the_bayes_optimal_model_on_gaussian_data():
+    """For x0 ~ N(mu, sd^2) the exact denoiser makes the bound's diffusion + prior terms plus the
+    decoder term at t_min equal -log p(x0) on average, up to the Monte-Carlo error; a worse model's
+    bound is higher."""
+    process = build_process("gaussian", {"schedule": "cosine", "prediction": "x0"})
+    x0 = MU + SD * torch.randn(4000, 1, generator=torch.Generator().manual_seed(0))
+    terms = process.bound(exact_model(process), x0, {}, mc_timesteps=8, generator=torch.Generator().manual_seed(1))
+    # decoder term: the Gaussian -log q(x0 | z_t_min) / alpha, estimated by its entropy at that level
+    ab = process.alpha_bar(torch.tensor(process.t_min, dtype=torch.float64))
+    sigma0 = ((1 - ab) / ab).sqrt()
+    decoder = 0.5 * torch.log(2 * torch.pi * torch.e * sigma0**2)
+    true_nll = 0.5 * torch.log(torch.tensor(2 * torch.pi * torch.e * SD**2, dtype=torch.float64))
+    assert (terms.mean() + decoder).item() == pytest.approx(true_nll.item(), abs=0.05)
+    worse = process.bound(lambda xt, t, c: torch.zeros_like(xt), x0, {}, 8, torch.Generator().manual_seed(1))
+    assert worse.mean() > terms.mean() + 0.5
+
+
+def test_self_conditioning_feeds_each_step_the_previous_estimate():
+    process = build_process("gaussian", {"prediction": "x0"})
+    seen, outputs = [], []
+
+    def model_fn(xt, t, cond):
+        seen.append(cond["x0_self"].clone())
+        outputs.append(exact_model(process)(xt, t, cond))
+        return outputs[-1]
+
+    process.sample(model_fn, (4, 2), {}, steps=4, sampler="ddim", self_condition=True)
+    assert len(seen) == 4 and (seen[0] == 0).all()
+    for given, previous in zip(seen[1:], outputs[:-1]):
+        torch.testing.assert_close(given, previous)  # x0 prediction: the output is the estimate
+    calls = []
+    process.sample(lambda xt, t, c: calls.append(c) or xt * 0, (4, 2), {}, steps=2, sampler="ddim")
+    assert all("x0_self" not in c for c in calls)  # off unless asked
+
+
+def test_self_conditioned_training_gives_half_the_examples_a_first_estimate():
+    process = build_process("gaussian", {"prediction": "x0"})
+    calls = []
+
+    def model_fn(xt, t, cond):
+        calls.append(cond["x0_self"].clone())
+        return torch.full_like(xt, 0.7)  # its estimate, whatever the input
+
+    process.loss_and_x0(model_fn, torch.zeros(4000, 1), {}, torch.Generator().manual_seed(0), self_condition=True)
+    first, second = calls
+    assert (first == 0).all()  # the first pass starts from nothing
+    given = (second == 0.7).float().mean().item()
+    assert 0.45 < given < 0.55 and ((second == 0) | (second == 0.7)).all()

@@ -15,7 +15,8 @@ from diffusion import build_process
 from diffusion.discrete import Autoregressive, MaskedDiffusion, UniformDiffusion
 from diffusion.discrete_samplers import token_probs
 from modalities.text_data import ByteTokenizer, HFTokenizer, load_tokenizer, read_corpus
-from modalities.text_discrete import TextDiscrete, TextDiscreteConfig, generative_perplexity, unigram_entropy
+from modalities.text_discrete import TextDiscrete, TextDiscreteConfig
+from modalities.text_metrics import generative_perplexity, unigram_entropy
 
 V, N = 7, 12
 ANIMALS, MANNERS, PLACES = ("cat", "dog", "bird"), ("quietly", "happily"), ("mat", "log")
@@ -524,3 +525,33 @@ def test_bad_cache_options_are_refused(text_dit):
         process.sample(text_dit, (2, 32), {}, steps=4, rows_per_call=0)
     with pytest.raises(ValueError, match="apply to the ancestral sampler, not confidence"):
         process.sample(text_dit, (2, 32), {}, steps=4, sampler="confidence", cache="off")
+
+
+def test_masked_model_fills_a_template_and_keeps_prompt_and_suffix(tmp_path):
+    modality, _ = text_modality(tmp_path, seq_len=16)
+    model_fn = modality.model_fn(tiny_dit(modality).eval())
+    process = build_process("masked", modality.cfg.diffusion, **modality.process_kwargs())
+    for request, check in (
+        ({"prompt": "the", "suffix": "."}, lambda t: t.startswith("the") and t.endswith(".")),
+        ({"template": "the [4] sat[3]."}, lambda t: t.startswith("the ") and t[8:12] == " sat" and t[15] == "."),
+    ):
+        ids = process.sample(
+            model_fn,
+            (3, 16),
+            {},
+            steps=4,
+            generator=torch.Generator().manual_seed(0),
+            **modality.sample_options(**request),
+        )
+        texts = modality.decode(ids)
+        assert all(check(t) and len(t) == 16 for t in texts), texts
+    fixed, held = modality.held_tokens(template="the [4] sat[3].")
+    assert held.tolist() == [True] * 4 + [False] * 4 + [True] * 4 + [False] * 3 + [True]
+    assert modality.strings(fixed[None])[0][8:12] == " sat"
+
+
+def test_the_autoregressive_baseline_refuses_a_suffix(tmp_path):
+    modality, _ = text_modality(tmp_path, process="autoregressive")
+    assert modality.sample_options(prompt="the")["fixed_mask"].sum() == 3
+    with pytest.raises(ValueError, match="continues a prefix"):
+        modality.sample_options(prompt="the", suffix=".")

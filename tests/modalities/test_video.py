@@ -136,7 +136,7 @@ def test_first_frame_holds_frame_zero_exactly(tmp_path, sampler, process):
     options = video.sample_options(first_frame=str(tmp_path / "f.png"))
     cond = video.sample_cond(2, "cpu")
     x0 = proc.sample(model_fn, video.sample_shape(2), cond, steps=3, sampler=sampler, guidance=2.0, **options)
-    expected = options["x0_hook"](torch.zeros(1, 3, 4, 8, 8))[0, :, 0]
+    expected = options["x0_hook"](torch.zeros(1, 3, 4, 8, 8), 0.5)[0, :, 0]
     assert torch.equal(x0[0, :, 0], expected) and torch.equal(x0[1, :, 0], expected)
     assert not torch.equal(x0[0, :, 1], expected)
     assert video.sample_options() == {}  # the trainer's call, with no request

@@ -1,0 +1,273 @@
+"""Text as continuous embedding diffusion with a rounding decoder (Diffusion-LM, Li et al. 2022).
+
+Gaussian noise cannot be added to token ids, so each token becomes a learnt embedding_dim-vector and
+the process diffuses the (B, N, embed_dim) sequence; the DiT's input and output layers project
+those vectors to and from its width. Three parts make it decode to words rather than gibberish:
+
+- the rounding term: the cross-entropy of the tokens given the predicted x0 through a decoder
+  (a separate linear layer or the embedding table itself), added to the diffusion loss, so that x0
+  estimates carry the token and the decoder learns to read them (Li et al. 2022, Sec. 4.1);
+- a guard against the embeddings collapsing: learnt jointly with an x0 loss, they shrink towards
+  zero, where every token is close to every other (Li et al., Sec. 4.1; Dieleman et al. 2022,
+  CDCD, Sec. 3.2). Here every row is L2-normalised to norm sqrt(embed_dim) wherever it is used, so
+  the per-dimension scale is 1, like images in [-1, 1], and the loss cannot shrink it;
+- the clamping trick: at sampling, the x0 estimate is replaced by its nearest embedding from a
+  chosen share of the steps on (Li et al., Sec. 4.2), through the x0_hook of the continuous samplers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffusion import PROCESSES
+from diffusion.continuous import SELF_COND, ContinuousProcess
+from modalities.base import DiffusionConfig
+from modalities.text import TextConfig, TextModality
+from modalities.text_metrics import chunks, sample_metrics
+
+DECODERS = ("linear", "tied")
+DECODES = ("argmax", "nearest")
+
+
+@dataclass
+class TextContinuousConfig(TextConfig):
+    name: str = "text_continuous"
+    process: str = "gaussian"  # gaussian | flow
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(schedule="sqrt", prediction="x0"))
+    embed_dim: int = 32  # size of the learnt token embeddings the process diffuses
+    decoder: str = "linear"  # rounding decoder: linear (its own layer) | tied (logits from the embedding table)
+    rounding_weight: float = 1.0  # weight of the rounding cross-entropy beside the diffusion loss
+    self_condition: bool = False  # the network also sees its previous x0 estimate (Chen et al. 2023)
+    clamp: bool = True  # sampling: the clamping trick (x0 estimate -> nearest embedding)
+    clamp_from: float = 0.0  # sampling: share of the steps done before clamping starts (0: from the first)
+    decode: str = "argmax"  # sampling: argmax (the rounding decoder) | nearest (nearest embedding)
+
+
+class EmbeddingDiffusion(nn.Module):
+    """The DiT with the embedding table it diffuses in and the rounding decoder; what a
+    text_continuous checkpoint holds (`dit.*`, `embedding.weight`, `decoder.*`)."""
+
+    def __init__(self, dit: nn.Module, vocab: int, embed_dim: int, decoder: str):
+        super().__init__()
+        self.dit, self.embed_dim = dit, embed_dim
+        self.embedding = nn.Embedding(vocab, embed_dim)
+        if decoder == "linear":
+            self.decoder = nn.Linear(embed_dim, vocab)
+        else:  # tied: logits are scaled dot products with the table, the scale learnt
+            self.decoder = None
+            self.logit_scale = nn.Parameter(torch.ones(()))
+
+    def table(self) -> torch.Tensor:
+        """(V, embed_dim) embeddings, every row of norm sqrt(embed_dim): the collapse guard."""
+        return F.normalize(self.embedding.weight, dim=-1) * math.sqrt(self.embed_dim)
+
+    def embed(self, ids) -> torch.Tensor:
+        """(B, N) ids -> (B, N, embed_dim)."""
+        return F.embedding(ids, self.table())
+
+    def logits(self, x) -> torch.Tensor:
+        """Rounding decoder: (..., embed_dim) vectors -> (..., V) token logits."""
+        if self.decoder is not None:
+            return self.decoder(x.float())
+        return self.logit_scale * x.float() @ self.table().T
+
+    def nearest(self, x) -> torch.Tensor:
+        """(..., embed_dim) vectors -> (...) ids of their nearest embeddings (Euclidean)."""
+        table = self.table()
+        return (x.float() @ table.T - 0.5 * table.pow(2).sum(-1)).argmax(-1)  # argmin of ||x - e||^2
+
+    def set_attention_backend(self, name: str, device_type: str | None = None):
+        self.dit.set_attention_backend(name, device_type)
+
+    def compile_blocks(self, **options):
+        self.dit.compile_blocks(**options)
+
+
+class TextContinuous(TextModality):
+    Config = TextContinuousConfig
+    # on top of the held text: the clamping trick on/off, from which share of the steps, and the decoding
+    requests = TextModality.requests + ("clamp", "clamp_from", "decode")
+
+    def __init__(self, cfg, patch: int, data=None):
+        super().__init__(cfg, patch, data)
+        continuous = sorted(name for name, c in PROCESSES.items() if issubclass(c, ContinuousProcess))
+        if cfg.process not in continuous:
+            raise ValueError(f"modality.process={cfg.process!r} does not diffuse vectors; choose one of {continuous}")
+        if cfg.embed_dim < 1:
+            raise ValueError(f"modality.embed_dim={cfg.embed_dim} must be at least 1 (Diffusion-LM uses 16 to 128)")
+        if cfg.decoder not in DECODERS:
+            raise ValueError(f"modality.decoder={cfg.decoder!r}; choose one of {DECODERS}")
+        if cfg.rounding_weight < 0:
+            raise ValueError(f"modality.rounding_weight={cfg.rounding_weight} must be >= 0")
+        self.sampling(cfg.clamp, cfg.clamp_from, cfg.decode)
+
+    def sampling(self, clamp=None, clamp_from=None, decode=None) -> tuple[bool, float, str]:
+        """The sampling choices, the request's where given, else the config's; checked."""
+        clamp = self.cfg.clamp if clamp is None else clamp
+        clamp_from = self.cfg.clamp_from if clamp_from is None else clamp_from
+        decode = self.cfg.decode if decode is None else decode
+        if not isinstance(clamp, bool):
+            raise ValueError(f"clamp={clamp!r} must be true or false")
+        if not 0 <= clamp_from <= 1:
+            raise ValueError(f"clamp_from={clamp_from} must be a share of the steps in 0..1")
+        if decode not in DECODES:
+            raise ValueError(f"decode={decode!r}; choose one of {DECODES}")
+        return clamp, float(clamp_from), decode
+
+    # --- the network and its objective ---------------------------------------------------
+    def build_model(self, cfg) -> nn.Module:
+        return EmbeddingDiffusion(super().build_model(cfg), self.vocab, self.cfg.embed_dim, self.cfg.decoder)
+
+    def backbone_kwargs(self):
+        inputs = self.cfg.embed_dim * (2 if self.cfg.self_condition else 1)  # x_t [, previous x0 estimate]
+        return {"in_dim": inputs, "out_dim": self.cfg.embed_dim, "num_classes": 0}
+
+    def encode(self, batch):
+        """The token ids; their vectors come from the model's table (see loss)."""
+        return batch["x"].long()
+
+    def loss(self, process, model, batch, cond, generator=None):
+        """Diffusion loss on the embedded sequence plus rounding_weight times the rounding
+        cross-entropy: of the tokens given the x0 estimate (what sampling decodes) and given the clean
+        embeddings (what the likelihood bound decodes at the lowest noise level)."""
+        ids = self.encode(batch)
+        x0 = model.embed(ids)
+        diffusion, x0_hat = process.loss_and_x0(self.model_fn(model), x0, cond, generator, self.cfg.self_condition)
+        rounding = F.cross_entropy(model.logits(x0_hat).flatten(0, 1), ids.flatten())
+        rounding = rounding + F.cross_entropy(model.logits(x0).flatten(0, 1), ids.flatten())
+        return diffusion + self.cfg.rounding_weight * rounding
+
+    def model_fn(self, backbone):
+        """The DiT on (B, N, embed_dim) vectors; with self_condition, the x0 estimate in
+        cond[SELF_COND] (zeros when absent) is concatenated to each token's input."""
+        dit = backbone.dit
+
+        def fn(xt, t, cond):
+            cond = dict(cond)
+            previous = cond.pop(SELF_COND, None)
+            if self.cfg.self_condition:
+                xt = torch.cat([xt, torch.zeros_like(xt) if previous is None else previous.to(xt.dtype)], -1)
+            tokens, positions = self.to_tokens(xt)
+            return self.from_tokens(dit(tokens, positions, t, **cond), xt.shape)
+
+        return fn
+
+    def to_tokens(self, x):
+        return x, torch.arange(x.shape[1], device=x.device)[:, None]  # (B, N, inputs), (N, 1) positions
+
+    def from_tokens(self, tokens, shape):
+        return tokens  # (B, N, embed_dim)
+
+    # --- sampling -------------------------------------------------------------------------
+    def sample_shape(self, n):
+        return (n, self.cfg.seq_len, self.cfg.embed_dim)
+
+    def sample_options(self, model=None, prompt=None, suffix=None, template=None, **request):
+        """An x0_hook that applies the clamping trick (from clamp_from of the steps on) and puts the
+        embeddings of held text (prompt=, suffix=, template=, see held_tokens) back at every step,
+        so the held text comes out exactly."""
+        clamp, clamp_from, _ = self.sampling(**request)
+        held = self.held_tokens(prompt, suffix, template)
+        options = {"self_condition": True} if self.cfg.self_condition else {}
+        if not clamp and held is None:
+            return options
+        if model is None:
+            raise ValueError("clamping and held text need the model's embeddings: pass model=")
+        table = model.table().detach()
+
+        def hook(x0_hat, progress):
+            if clamp and progress >= clamp_from:
+                x0_hat = table[model.nearest(x0_hat)].to(x0_hat.dtype)
+            if held is not None:
+                ids, mask = (v.to(x0_hat.device) for v in held)
+                x0_hat = torch.where(mask[:, None], table[ids].to(x0_hat.dtype), x0_hat)
+            return x0_hat
+
+        return {**options, "x0_hook": hook}
+
+    def decode(self, x0, model=None, prompt=None, suffix=None, template=None, **request) -> list[str]:
+        """(B, N, embed_dim) vectors -> strings, through the rounding decoder (decode=argmax) or the
+        nearest embedding (decode=nearest); held text is written as given."""
+        return self.strings(self.round(x0, model, self.sampling(**request)[2], prompt, suffix, template))
+
+    def round(self, x0, model, how: str, prompt=None, suffix=None, template=None) -> torch.Tensor:
+        """(B, N, embed_dim) -> (B, N) ids by `how` (argmax | nearest), held tokens in place."""
+        if model is None:
+            raise ValueError("decoding embeddings needs the model's rounding decoder: pass model=")
+        with torch.no_grad():
+            ids = model.logits(x0).argmax(-1) if how == "argmax" else model.nearest(x0)
+        held = self.held_tokens(prompt, suffix, template)
+        if held is not None:
+            ids = torch.where(held[1].to(ids.device), held[0].to(ids.device), ids)
+        return ids.cpu()
+
+    # --- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def nll(self, model, process, ids, mc_timesteps: int, generator=None) -> torch.Tensor:
+        """The variational bound on -log p(tokens) in nats per token, (B,): the process's diffusion
+        and prior terms on the embedded sequence (GaussianVP.bound) plus the decoder term, the
+        rounding decoder's cross-entropy of the tokens given the x0 estimate at the lowest noise
+        level t_min. Embeddings are a fixed function of the tokens, so this bounds the tokens' own
+        likelihood and is comparable with the token-ID models' bounds."""
+        x0, model_fn = model.embed(ids), self.model_fn(model)
+        terms = process.bound(model_fn, x0, {}, mc_timesteps, generator)
+        t = torch.full((ids.shape[0],), process.t_min, device=ids.device)
+        zt = process.corrupt(x0, t, torch.randn(x0.shape, generator=generator, device=ids.device))[0]
+        logits = model.logits(process.to_x0(model_fn(zt, t, {}), zt, t))
+        decoder = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").sum(1)
+        return (terms + decoder.double()) / ids.shape[1]
+
+    def evaluate(self, model, process, args, device, reference=None) -> dict:
+        """Held-out bound and sample quality, with and without clamping and for both decodings.
+
+        Likelihood (process=gaussian, which has a bound; none is reported for flow): nll() over the
+        held-out sequences with args.mc_timesteps Monte-Carlo noise levels each, in the units of
+        likelihood_metrics. Samples: args.n drawn with clamping (from modality.clamp_from) and,
+        from the same noise, without; each decoded by argmax and by nearest embedding. The clamped
+        argmax samples give the unprefixed figures (real-word share, unigram entropy, generative
+        perplexity under `reference`); the others carry the prefixes clamp_nearest_, noclamp_argmax_
+        and noclamp_nearest_. rounding_changed_share (and noclamp_...): the share of tokens whose
+        decoder argmax differs from the nearest embedding, how much the decoder is doing.
+        """
+        model_fn, heldout = self.model_fn(model), self.heldout(args.data.path)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        metrics = {}
+        if hasattr(process, "bound"):
+            nats = [
+                self.nll(model, process, heldout.sequences(i, j).to(device), args.mc_timesteps, generator)
+                for i, j in chunks(len(heldout), args.batch)
+            ]
+            metrics.update(self.likelihood_metrics(torch.cat(nats).mean().item(), heldout))
+        known = self.training_words()
+        for clamp, name in ((True, "clamp"), (False, "noclamp")):
+            options = self.sample_options(model, clamp=clamp)
+            draw = torch.Generator(device=device).manual_seed(args.seed)  # the same noise for both
+            x0 = torch.cat(
+                [
+                    process.sample(
+                        model_fn,
+                        self.sample_shape(j - i),
+                        {},
+                        steps=args.steps,
+                        sampler=args.sampler,
+                        guidance=args.guidance,
+                        generator=draw,
+                        device=device,
+                        **options,
+                    )
+                    for i, j in chunks(args.n, args.batch)
+                ]
+            )
+            decoded = {how: self.round(x0, model, how) for how in DECODES}
+            for how, ids in decoded.items():
+                prefix = "" if (name, how) == ("clamp", "argmax") else f"{name}_{how}_"
+                texts = self.strings(ids)
+                metrics.update(sample_metrics(texts, ids, self.vocab, known, reference, args, device, prefix))
+            changed = (decoded["argmax"] != decoded["nearest"]).float().mean().item()
+            metrics[f"{'' if clamp else 'noclamp_'}rounding_changed_share"] = changed
+        return metrics
