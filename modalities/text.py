@@ -15,7 +15,7 @@ import torch
 
 from modalities.base import Modality, ModalityConfig
 from modalities.text_data import SEPARATOR, TokenChunks, load_tokenizer, read_corpus, split_stream, train_tokenizer
-from modalities.text_metrics import unigram_entropy, words
+from modalities.text_metrics import chunks, unigram_entropy, words
 
 HOLE = re.compile(r"\[(\d+)\]")  # template=: "[12]" stands for 12 free tokens
 
@@ -112,6 +112,25 @@ class TextModality(Modality):
     # --- sampling -------------------------------------------------------------------------
     def sample_shape(self, n):
         return (n, self.cfg.seq_len)
+
+    def draw(self, process, model_fn, args, device, generator, **options) -> torch.Tensor:
+        """args.n samples for evaluation, args.batch at a time, with args' steps, sampler and guidance."""
+        return torch.cat(
+            [
+                process.sample(
+                    model_fn,
+                    self.sample_shape(j - i),
+                    {},
+                    steps=args.steps,
+                    sampler=args.sampler,
+                    guidance=args.guidance,
+                    generator=generator,
+                    device=device,
+                    **options,
+                )
+                for i, j in chunks(args.n, args.batch)
+            ]
+        )
 
     def held_tokens(self, prompt=None, suffix=None, template=None):
         """The tokens a sample must contain, from what the user asked.

@@ -247,22 +247,7 @@ class TextContinuous(TextModality):
         for clamp, name in ((True, "clamp"), (False, "noclamp")):
             options = self.sample_options(model, clamp=clamp)
             draw = torch.Generator(device=device).manual_seed(args.seed)  # the same noise for both
-            x0 = torch.cat(
-                [
-                    process.sample(
-                        model_fn,
-                        self.sample_shape(j - i),
-                        {},
-                        steps=args.steps,
-                        sampler=args.sampler,
-                        guidance=args.guidance,
-                        generator=draw,
-                        device=device,
-                        **options,
-                    )
-                    for i, j in chunks(args.n, args.batch)
-                ]
-            )
+            x0 = self.draw(process, model_fn, args, device, draw, **options)
             decoded = {how: self.round(x0, model, how) for how in DECODES}
             for how, ids in decoded.items():
                 prefix = "" if (name, how) == ("clamp", "argmax") else f"{name}_{how}_"

@@ -92,21 +92,7 @@ class TextDiscrete(TextModality):
             for i, j in chunks(len(heldout), args.batch)
         ]
         metrics = self.likelihood_metrics(torch.cat(nats).mean().item(), heldout)
-        samples = torch.cat(
-            [
-                process.sample(
-                    model_fn,
-                    self.sample_shape(j - i),
-                    {},
-                    steps=args.steps,
-                    sampler=args.sampler,
-                    guidance=args.guidance,
-                    generator=generator,
-                    device=device,
-                )
-                for i, j in chunks(args.n, args.batch)
-            ]
-        )
+        samples = self.draw(process, model_fn, args, device, generator)
         known = self.training_words()
         metrics.update(sample_metrics(self.strings(samples), samples, self.vocab, known, reference, args, device))
         return metrics
