@@ -71,6 +71,7 @@ def to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
 
 
 SHAPE_RADIUS = {True: 0.22, False: 0.13}  # big / small, as a share of the image side
+BACKGROUND = (20, 20, 28)  # the shapes' dark background
 
 
 def draw_shape(name: str, colour: str, centre, big: bool, size: int, channels: int = 3) -> torch.Tensor:
@@ -81,7 +82,7 @@ def draw_shape(name: str, colour: str, centre, big: bool, size: int, channels: i
         centre: (x, y) as shares of the image side; big: radius 0.22 rather than 0.13 of the side.
     """
     s = 4 * size  # draw large, then downsample for smooth edges
-    image = Image.new("RGB", (s, s), (20, 20, 28))
+    image = Image.new("RGB", (s, s), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cx, cy = np.asarray(centre, dtype=float) * s
     r = SHAPE_RADIUS[big] * s
@@ -212,9 +213,13 @@ class ImageFolder(Dataset):
         background: RGB triple that transparent pixels are composited onto (see `as_shown`).
         classes: class names in the order of the labels (modality.classes), naming every sub-folder;
             None: the sorted sub-folder names.
+        missing_caption: "empty" (an image without a line in captions.jsonl has the caption "") or
+            "error" (such images are refused when listing, named, for models trained on captions).
     """
 
-    def __init__(self, root: str, size: int, channels: int = 3, background=(255, 255, 255), classes=None):
+    def __init__(
+        self, root: str, size: int, channels: int = 3, background=(255, 255, 255), classes=None, missing_caption="empty"
+    ):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (data.path)")
@@ -248,6 +253,13 @@ class ImageFolder(Dataset):
                         self.captions[str(root / row["file"])] = str(row["caption"])
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise ValueError(f"{captions}:{n}: expected {{'file': ..., 'caption': ...}} ({e})") from e
+        uncaptioned = [str(path) for path, _ in self.items if str(path) not in self.captions]
+        if missing_caption == "error" and uncaptioned:
+            raise ValueError(
+                f"{len(uncaptioned)} of {len(self.items)} images in {root} have no caption in {captions} "
+                f"(first: {uncaptioned[:3]}); add them, or set modality.missing_caption=empty to train them "
+                "with the empty caption"
+            )
 
     def __len__(self):
         return len(self.items)
@@ -261,3 +273,16 @@ class ImageFolder(Dataset):
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             raise BadSample(path, f"cannot decode image ({type(e).__name__}: {e})") from e
         return {"x": x, "label": label, "caption": self.captions.get(str(path), "")}
+
+
+def image_dataset(cfg, split: str, data_path, channels: int, background, missing_caption: str = "empty"):
+    """The pixel data set that an image modality's config names (modality.dataset: shapes, mnist or
+    folder, at modality.size) for `split` ("train" or "test")."""
+    if cfg.dataset == "shapes":
+        n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
+        return Shapes(n, cfg.size, channels, seed=0 if split == "train" else 1)
+    if cfg.dataset == "mnist":
+        return MNIST(data_path, split, cfg.size, channels, cfg.classes)
+    root = Path(data_path)
+    folder = root / split if (root / split).is_dir() else root
+    return ImageFolder(folder, cfg.size, channels, background, cfg.classes, missing_caption)

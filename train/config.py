@@ -45,6 +45,7 @@ class OptimConfig:
 class DataConfig:
     path: str | None = None  # the training data (file or folder, per modality); None: the built-in data
     bad_threshold: float = 0.01
+    cache_latents: bool = False  # latent images: encode the data set once through the VAE, then read the cache
 
 
 @dataclass
