@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from modalities.audio import Audio
 from modalities.image import Image
+from modalities.image_vae import ImageVAE
 from modalities.text_discrete import TextDiscrete
 from modalities.video import Video
 
 MODALITIES = {
     "audio": Audio,
     "image": Image,
+    "image_vae": ImageVAE,
     "text_discrete": TextDiscrete,
     "video": Video,
 }

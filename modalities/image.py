@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from PIL import ImageColor
+from omegaconf import OmegaConf
 from torchvision.utils import save_image
 
 from diffusion import PROCESSES
 from diffusion.continuous import ContinuousProcess
 from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_cond
 from modalities.image_adherence import evaluate_adherence
-from modalities.image_data import image_dataset
+from modalities.image_data import image_dataset, image_source
 from modalities.image_metrics import evaluate_images
 from modalities.latent_cache import LatentCache
 from modalities.latents import LATENT_MODES, LatentCodec, read_vae_config
@@ -58,7 +58,6 @@ class Image(Modality):
     Config = ImageConfig
     grid_axes = 2
     requests = ("label", "prompt")
-    DATASETS = ("shapes", "mnist", "folder")
     SPACES = ("pixel", "latent")
     CONDITIONS = ("label", "caption", "both")
 
@@ -67,10 +66,6 @@ class Image(Modality):
         continuous = sorted(name for name, cls in PROCESSES.items() if issubclass(cls, ContinuousProcess))
         if cfg.process not in continuous:
             raise ValueError(f"modality.process={cfg.process!r} does not model pixels; choose one of {continuous}")
-        if cfg.dataset not in self.DATASETS:
-            raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {self.DATASETS}")
-        if cfg.dataset != "shapes" and not self.data_path:
-            raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
         for key, value, valid in [
             ("space", cfg.space, self.SPACES),
             ("condition", cfg.condition, self.CONDITIONS),
@@ -79,13 +74,7 @@ class Image(Modality):
         ]:
             if value not in valid:
                 raise ValueError(f"modality.{key}={value!r}; choose one of {valid}")
-        self.channels = cfg.channels or (1 if cfg.dataset == "mnist" else 3)
-        try:
-            self.background = ImageColor.getrgb(cfg.background)[:3]
-        except ValueError:
-            raise ValueError(
-                f"modality.background={cfg.background!r} is not a colour; use a name (white, black) or #rrggbb"
-            ) from None
+        self.channels, self.background = image_source(cfg, self.data_path)
         self.cache_latents = bool(data is not None and data.get("cache_latents", False))
         self.codec = self._codec() if cfg.space == "latent" else None
         if self.cache_latents and self.codec is None:
@@ -106,7 +95,7 @@ class Image(Modality):
             )
         codec = LatentCodec(self.cfg.vae, self.cfg.latent)
         if self.cfg.vae_config is not None:
-            recorded = json.dumps(dict(self.cfg.vae_config), sort_keys=True, default=list)
+            recorded = json.dumps(OmegaConf.to_container(self.cfg.vae_config), sort_keys=True)
             if json.dumps(read_vae_config(codec.folder), sort_keys=True) != recorded:
                 raise ValueError(
                     f"the VAE in {codec.folder} is not the one this model was trained with (its config.json "

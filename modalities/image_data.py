@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageDraw, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
@@ -286,3 +286,22 @@ def image_dataset(cfg, split: str, data_path, channels: int, background, missing
     root = Path(data_path)
     folder = root / split if (root / split).is_dir() else root
     return ImageFolder(folder, cfg.size, channels, background, cfg.classes, missing_caption)
+
+
+DATASETS = ("shapes", "mnist", "folder")
+
+
+def image_source(cfg, data_path) -> tuple[int, tuple[int, int, int]]:
+    """Check the image data keys of a modality config (dataset, data.path, background) and return
+    (channels, background RGB): channels is modality.channels, else 1 for mnist and 3 otherwise."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {DATASETS}")
+    if cfg.dataset != "shapes" and not data_path:
+        raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
+    try:
+        background = ImageColor.getrgb(cfg.background)[:3]
+    except ValueError:
+        raise ValueError(
+            f"modality.background={cfg.background!r} is not a colour; use a name (white, black) or #rrggbb"
+        ) from None
+    return cfg.channels or (1 if cfg.dataset == "mnist" else 3), background
