@@ -2,6 +2,7 @@
 
 python infer/sample.py ckpt=runs/<run>/checkpoints/last steps=50 sampler=dpmpp_2m guidance=3 label=3
 python infer/sample.py ckpt=runs/<video run>/checkpoints/last first_frame=frame.png     # image-to-video
+python infer/sample.py ckpt=runs/<caption run>/checkpoints/last prompt="a small red circle top left" guidance=4
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class SampleArgs:
     guidance: float | None = None  # classifier-free guidance scale; 1 = none (default: training config's)
     seed: int = 0
     label: Any = None  # class index or name (models trained with labels)
-    prompt: str | None = None  # text models: fixed prefix
+    prompt: str | None = (
+        None  # text models: fixed prefix; caption image models: a caption, or several "a|b" (one a row)
+    )
     first_frame: str | None = None  # video models: an image file held as frame 0 (image-to-video)
     eta: float | None = None  # ddim: 0 deterministic .. 1 DDPM
     block: int | None = None  # discrete text, sampler=blocks: block length
