@@ -1,5 +1,5 @@
 """Prompt adherence on the built-in shapes, measured without any downloaded network: for each
-generated image, the colour (the palette colour most of its foreground pixels are nearest to),
+generated image, the colour (the palette colour that most of its foreground pixels are a blend of),
 the shape (the shapes classifier of modalities/image_metrics.py) and the position (the place whose
 centre is nearest to the foreground's centroid), compared with what its prompt asked.
 
@@ -36,10 +36,13 @@ def measure(images: torch.Tensor) -> list[dict]:
     Returns:
         one {"colour", "position"} per image; None where no pixel stands out from the background.
     """
-    rgb = images.float().permute(0, 2, 3, 1) * 255  # (B, H, W, 3)
-    foreground = (rgb - torch.tensor(BACKGROUND, dtype=torch.float32)).norm(dim=-1) > FOREGROUND  # (B, H, W)
-    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (K, 3)
-    nearest = torch.cdist(rgb.reshape(-1, 3), palette).argmin(-1).reshape(foreground.shape)  # (B, H, W)
+    d = images.float().permute(0, 2, 3, 1) * 255 - torch.tensor(BACKGROUND, dtype=torch.float32)  # (B, H, W, 3)
+    foreground = d.norm(dim=-1) > FOREGROUND  # (B, H, W)
+    # Edge pixels blend a colour with the background; so each pixel goes to the palette colour whose
+    # line segment from the background passes nearest, not to the nearest colour itself.
+    c = torch.tensor(list(COLOURS.values()), dtype=torch.float32) - torch.tensor(BACKGROUND)  # (K, 3)
+    share = ((d @ c.T) / (c * c).sum(-1)).clamp(0, 1)  # (B, H, W, K) how much of colour k
+    nearest = (d[..., None, :] - share[..., None] * c).norm(dim=-1).argmin(-1)  # (B, H, W)
     places = torch.tensor(list(PLACES.values()), dtype=torch.float32)  # (P, 2) as (x, y) shares
     h, w = foreground.shape[1:]
     ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
@@ -48,7 +51,7 @@ def measure(images: torch.Tensor) -> list[dict]:
         if not mask.any():
             found.append({"colour": None, "position": None})
             continue
-        votes = torch.bincount(colour[mask], minlength=len(palette))
+        votes = torch.bincount(colour[mask], minlength=len(COLOURS))
         centroid = torch.stack([xs[mask].mean(), ys[mask].mean()])
         found.append(
             {
