@@ -43,9 +43,9 @@ class ImageVAEConfig:
     background: str = "white"  # folder: colour that transparent pixels are composited onto
     classes: list[str] | None = None  # mnist / folder: class names, as for modality=image (not trained on)
     latent_channels: int = 4
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # 2^(len-1) downsampling
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # 2^(len-1) downsampling
     layers_per_block: int = 1
-    norm_num_groups: int = 16  # GroupNorm groups; must divide every block_out_channels entry
+    norm_num_groups: int = 8  # GroupNorm groups; must divide every block_out_channels entry
     reconstruction: str = "l1"  # l1 | l2
     kl_weight: float = 1e-5  # weight of the KL term per pixel value
     holdout: int = 512  # held-out images the final PSNR is measured on
