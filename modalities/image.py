@@ -123,7 +123,7 @@ class Image(Modality):
         pixels = self.pixels(split)
         if not self.cache_latents:
             return pixels
-        identity = {**self.classifier_key(), "split": split, "items": len(pixels), "shapes": self.cfg.shapes_items}
+        identity = {**self.classifier_key(), "split": split}
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return LatentCache(pixels, self.codec, identity, device)
 

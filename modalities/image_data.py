@@ -6,6 +6,7 @@ Every item is {"x": (C, H, W) float in [-1, 1], "label": int, "caption": str}.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -118,6 +119,10 @@ class Shapes(Dataset):
     def __init__(self, n: int, size: int, channels: int = 3, seed: int = 0):
         self.n, self.size, self.channels, self.seed = n, size, channels, seed
 
+    def fingerprint(self) -> str:
+        """What identifies the items (caches key on it): drawn from these numbers alone."""
+        return f"shapes-v1-{self.n}-{self.size}-{self.channels}-{self.seed}"
+
     def __len__(self):
         return self.n
 
@@ -191,6 +196,13 @@ class MNIST(Dataset):
             )
         self.caption = "the digit {}" if self.classes == self.DIGITS else "{}"
 
+    def fingerprint(self) -> str:
+        """A hash of the pixels, labels and class names (caches key on it)."""
+        digest = hashlib.sha256(self.images.tobytes())
+        digest.update(self.labels.tobytes())
+        digest.update(json.dumps([self.classes, self.size, self.channels]).encode())
+        return digest.hexdigest()[:16]
+
     def __len__(self):
         return len(self.labels)
 
@@ -223,7 +235,7 @@ class ImageFolder(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (data.path)")
-        self.size, self.channels, self.background = size, channels, tuple(background)
+        self.root, self.size, self.channels, self.background = root, size, channels, tuple(background)
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         self.classes = tuple(p.name for p in subdirs) or ("all",)
         if classes is not None:  # the user's names and order; a split may lack some of the classes
@@ -260,6 +272,12 @@ class ImageFolder(Dataset):
                 f"(first: {uncaptioned[:3]}); add them, or set modality.missing_caption=empty to train them "
                 "with the empty caption"
             )
+
+    def fingerprint(self) -> str:
+        """A hash of every file's path, size and modification time, and of the captions (caches key on it)."""
+        files = [self.root / "captions.jsonl", *(path for path, _ in self.items)]
+        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
+        return hashlib.sha256(json.dumps([stats, self.classes, self.size, self.channels]).encode()).hexdigest()[:16]
 
     def __len__(self):
         return len(self.items)

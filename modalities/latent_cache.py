@@ -8,9 +8,10 @@ batch.
         captions.json               the items' captions, in order
         skipped.json                items that could not be read while encoding ("path: reason")
 
-The folder is named by the data's identity; key.json adds the VAE's fingerprint and the image size.
-A cache whose key.json matches is reused; one that differs (another VAE, retrained weights, another
-size) is rebuilt in place, with a message saying what changed. The posterior's moments rather than
+The folder is named by where the data comes from (data set, path, size, split); key.json adds a
+fingerprint of the data's contents and of the VAE's weights and config. A cache whose key.json matches
+is reused; one that differs (changed files, another VAE, retrained weights) is rebuilt in place, with a
+message saying what changed. The posterior's moments rather than
 latents are stored, so that modality.latent=sample still draws fresh noise each epoch.
 """
 
@@ -42,9 +43,10 @@ class LatentCache(Dataset):
     back from disk on later runs.
 
     Args:
-        dataset: the pixel data set (items {"x", "label", "caption"}, with `classes`).
+        dataset: the pixel data set (items {"x", "label", "caption"}, with `classes` and `fingerprint()`).
         codec: the modalities.latents.LatentCodec that encodes.
-        identity: what identifies the data (data set, path, split, item count...): names the folder.
+        identity: where the data comes from (data set, path, size, split): names the folder; the key adds
+            the data set's fingerprint() (its contents) and the VAE's.
         device: where to run the encoder while building.
     """
 
@@ -52,7 +54,7 @@ class LatentCache(Dataset):
         self.classes = dataset.classes
         name = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         self.folder = cache_root() / f"latents-{name}"
-        key = {**identity, "vae": codec.fingerprint(), "vae_folder": str(codec.folder.resolve())}
+        key = {**identity, "data": dataset.fingerprint(), "vae": codec.fingerprint(), "vae_folder": str(codec.folder)}
         found = self.folder / "key.json"
         old = json.loads(found.read_text()) if found.exists() else None
         if old != key:
@@ -74,7 +76,7 @@ class LatentCache(Dataset):
     def _build(self, dataset, codec, key: dict, device, batch: int):
         """Encode every readable item; written under a temporary name and renamed into place, so a
         run killed mid-way leaves no half cache that looks whole."""
-        tmp = self.folder.with_name(self.folder.name + ".tmp")
+        tmp = self.folder.with_name(f"{self.folder.name}.tmp-{os.getpid()}")  # one per process: they may race
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         loader = DataLoader(Tolerant(dataset), batch_size=batch, collate_fn=collate)
@@ -93,7 +95,10 @@ class LatentCache(Dataset):
         (tmp / "skipped.json").write_text(json.dumps(skipped))
         (tmp / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
         shutil.rmtree(self.folder, ignore_errors=True)
-        os.replace(tmp, self.folder)
+        try:
+            os.replace(tmp, self.folder)
+        except OSError:  # another process put the same cache in place first
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def __len__(self):
         return len(self.labels)

@@ -52,3 +52,29 @@ def test_cache_is_reused_then_rebuilt_after_the_vae_changes(tiny_cfg, tmp_path, 
 def test_cache_needs_latent_images(tiny_cfg, cache):
     with pytest.raises(ValueError, match="data.cache_latents=true caches VAE latents; it needs modality.space=latent"):
         trainer.train(tiny_cfg("data.cache_latents=true"))
+
+
+def test_changed_files_rebuild_the_cache_naming_the_data(tmp_path, cache, capsys):
+    import os
+
+    from PIL import Image as PIL
+
+    from modalities.image_data import ImageFolder
+    from modalities.latent_cache import LatentCache
+
+    tiny_vae(tmp_path / "vae")
+    codec = LatentCodec(tmp_path / "vae")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        PIL.new("RGB", (8, 8), (80 * i, 10, 10)).save(images / f"{i}.png")
+    where = {"dataset": "folder", "path": str(images), "size": 8}
+    first = LatentCache(ImageFolder(str(images), 8), codec, where)
+    assert "encoding 3 items" in capsys.readouterr().out and len(first) == 3
+    LatentCache(ImageFolder(str(images), 8), codec, where)
+    assert "reusing" in capsys.readouterr().out
+    PIL.new("RGB", (8, 8), (0, 200, 0)).save(images / "1.png")
+    os.utime(images / "1.png", ns=(1, 1))  # a changed file, whatever the clock's resolution
+    changed = LatentCache(ImageFolder(str(images), 8), codec, where)
+    assert "was made with other data; rebuilding it" in capsys.readouterr().out
+    assert not torch.allclose(changed[1]["moments"], first[1]["moments"])
