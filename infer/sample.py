@@ -19,7 +19,6 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from diffusion import build_process
 from infer.cli import check_request, parse, pick_device, sampling_plan
 from train.checkpoint import load_model
 from train.health import warn_if_degenerate
@@ -54,7 +53,7 @@ class SampleArgs:
 def sample(args) -> str:
     device = pick_device(args.device)
     cfg, modality, model = load_model(args.ckpt, device)
-    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    process = modality.noise_process()
     request = check_request(modality, {k: args[k] for k in REQUESTS if args[k] is not None})
     steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device, request)
     options = {k: args[k] for k in ("eta", "block", "temperature", "top_k", "top_p") if args[k] is not None}

@@ -7,6 +7,8 @@ import torch
 from diffusers import AutoencoderKL
 
 import train.train as trainer
+from infer.cli import parse
+from infer.sample import SampleArgs, sample
 from modalities.image import Image
 from modalities.image_data import Shapes
 from modalities.latents import LatentCodec
@@ -43,6 +45,8 @@ def test_own_vae_learns_and_its_folder_loads_with_plain_diffusers(tiny_cfg, caps
     # and the run's checkpoint is what modality.vae names
     image = Image(Image.Config(size=16, space="latent", vae=str(run / "checkpoints" / "last"), classes=["a"]), patch=2)
     assert image.sample_shape(1) == (1, 4, 8, 8)
+    with pytest.raises(SystemExit, match="modality=image_vae model is trained without a noise process"):
+        sample(parse(SampleArgs, [f"ckpt={run / 'checkpoints' / 'last'}", "device=cpu"]))
 
 
 def test_vae_shapes_are_checked_at_start_up(tiny_cfg):
