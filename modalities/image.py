@@ -32,7 +32,7 @@ class ImageConfig(ModalityConfig):
     dataset: str = "shapes"  # shapes (built in) | mnist (idx files in data.path) | folder (data.path)
     size: int = 32  # images are centre-cropped and resized to size x size
     channels: int | None = None  # None: 1 for mnist, 3 otherwise
-    conditional: bool = True  # train and sample with class labels (classifier-free guidance)
+    conditional: bool = True  # train and sample with a condition (modality.condition), for classifier-free guidance
     shapes_items: int = 20000  # size of the built-in shapes training split (test: a tenth)
     background: str = "white"  # folder: colour that transparent pixels are composited onto (name or #rrggbb)
     # class names; kept when given (mnist: label i is classes[i]; folder: the sub-folder names), else
@@ -57,7 +57,7 @@ def grid_columns(n: int) -> int:
 class Image(Modality):
     Config = ImageConfig
     grid_axes = 2
-    requests = ("label", "prompt")
+    requests = ("label", "prompt")  # narrowed per model in __init__
     SPACES = ("pixel", "latent")
     CONDITIONS = ("label", "caption", "both")
 
@@ -85,6 +85,9 @@ class Image(Modality):
         self.labels = cfg.conditional and cfg.condition in ("label", "both")
         captions = cfg.conditional and cfg.condition in ("caption", "both")
         self.text = TextEncoder(cfg.text_encoder, cfg.caption_tokens) if captions else None
+        # what this model takes at sampling: label= (label models, refused with a reason by unconditional
+        # ones) and prompt= (caption models); infer/ refuses the other naming these
+        self.requests = (("label",) if self.labels or not captions else ()) + (("prompt",) if captions else ())
 
     def _codec(self) -> LatentCodec:
         """The frozen VAE of modality.vae, checked against the config a checkpoint recorded of it."""
@@ -135,7 +138,9 @@ class Image(Modality):
         return {"dataset": self.cfg.dataset, "size": self.cfg.size, "channels": self.channels, "path": path}
 
     def resolve(self, train_set) -> dict:
-        """The class names (the user's, when given: the data sets take them) and the channels."""
+        """The class names (the user's, when given: the data sets take them) and the channels; for
+        latents the VAE's resolved folder and config; for captions a few training captions that
+        preview grids and prompt-less sampling ask for."""
         given = self.cfg.classes
         if given is not None and list(given) != list(train_set.classes):
             raise ValueError(

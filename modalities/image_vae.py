@@ -147,10 +147,11 @@ class ImageVAE(Modality):
         return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
 
     def preview(self, model, device, path):
-        x = torch.stack([self.dataset("test")[i]["x"] for i in range(8)]).to(device)
+        x = next(self._batches("test", 8, device))
         return self.save((torch.cat([x, self.reconstruct(model, x)]) + 1) / 2, path)
 
     def _batches(self, split: str, n: int, device):
+        """The readable ones of the first n images of `split`, in batches of 64, on device."""
         data = self.dataset(split)
         loader = DataLoader(Tolerant(Subset(data, range(min(n, len(data))))), batch_size=64, collate_fn=collate)
         for batch in loader:
@@ -169,7 +170,7 @@ class ImageVAE(Modality):
         for x in self._batches("test", self.cfg.holdout, device):
             reconstruction = self.reconstruct(model, x)
             mse = ((reconstruction - x) / 2).pow(2).flatten(1).mean(1)  # on [0, 1] pixels
-            psnr.append(10 * torch.log10(1 / mse.clamp(min=1e-10)))
+            psnr.append(10 * torch.log10(1 / mse.clamp(min=1e-10)))  # per image, then averaged
             shown = shown if shown is not None else torch.cat([x[:8], reconstruction[:8]])
         psnr = torch.cat(psnr)
         n, psnr = len(psnr), psnr.mean().item()

@@ -70,6 +70,8 @@ def test_two_prompts_with_one_seed_give_different_samples(caption_run, tmp_path)
     assert torch.equal(rows["cond"][0], rows["cond"][1]) and not torch.equal(rows["cond"][1], rows["cond"][2])
     with pytest.raises(ValueError, match="trained on captions .* use prompt="):
         modality.sample_cond(2, "cpu", label=1)
+    with pytest.raises(SystemExit, match="label= does not apply to this image model; it takes prompt="):
+        sample(parse(SampleArgs, [f"ckpt={ckpt}", "label=1", f"out={tmp_path / 'x'}"]))
 
 
 def test_guidance_scale_1_is_the_conditional_prediction(caption_run):
