@@ -1,4 +1,4 @@
-"""bench/latent_cache.py on a tiny VAE and DiT: both set-ups run, the cache is built once, a ratio is printed."""
+"""bench/latent_cache_step.py on a tiny VAE and DiT: both set-ups run, the cache is built once, a ratio is printed."""
 
 import json
 import os
@@ -22,7 +22,7 @@ def test_times_both_setups_and_builds_the_cache_once(tmp_path):
     ).save_pretrained(tmp_path / "vae")
     env = {**os.environ, "POLYDIFF_CACHE": str(tmp_path / "cache")}
     tiny = ["backbone=dit_xs", "modality.size=16", "modality.shapes_items=64", "batch_size=16"]
-    args = [sys.executable, str(REPO / "bench" / "latent_cache.py"), "--vae", str(tmp_path / "vae")]
+    args = [sys.executable, str(REPO / "bench" / "latent_cache_step.py"), "--vae", str(tmp_path / "vae")]
     run = subprocess.run(
         [*args, "--rounds", "2", "--steps", "2", "--", *tiny], capture_output=True, text=True, env=env, timeout=300
     )

@@ -1,7 +1,7 @@
 """Training step time of a latent image DiT with and without the latent cache (data.cache_latents).
 
-    python bench/latent_cache.py --vae runs/vae/checkpoints/last
-    python bench/latent_cache.py --vae ... --rounds 5 --steps 10 -- modality.condition=caption backbone=dit_s
+    python bench/latent_cache_step.py --vae runs/vae/checkpoints/last
+    python bench/latent_cache_step.py --vae ... --rounds 5 --steps 10 -- modality.condition=caption backbone=dit_s
 
 One step is what the trainer's loop does for a batch: fetch it (drawing or decoding images, or reading
 cached posterior moments), encode it (the frozen VAE, or nothing), the caption encoder when captions are
