@@ -98,6 +98,11 @@ def sampling_plan(args, cfg, modality, process, device, request: dict | None = N
     really takes (the autoregressive baseline: one per token). An unconditional model has nothing for
     guidance to push towards: the run's setting is then 1, and a guidance other than 1 asked on the
     command line is refused."""
+    if process is None:
+        raise SystemExit(
+            f"a modality={modality.cfg.name} model is trained without a noise process and has nothing to sample "
+            "or evaluate here (README: what it is for)"
+        )
     check_ranges(args)
     steps = process.sample_steps(cfg.sample.steps if args.steps is None else args.steps, modality.sample_shape(1))
     sampler = args.sampler or cfg.sample.sampler or process.samplers[0]

@@ -17,7 +17,6 @@ if __package__ in (None, ""):  # `python infer/evaluate.py` without an install
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from diffusion import build_process
 from infer.cli import parse, pick_device, sampling_plan
 from train.checkpoint import load_model
 
@@ -46,7 +45,7 @@ class EvalArgs:
 def evaluate(args) -> dict:
     device = pick_device(args.device)
     cfg, modality, model = load_model(args.ckpt, device)
-    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    process = modality.noise_process()
     steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device)
     args = OmegaConf.merge(args, {"steps": steps, "sampler": sampler, "guidance": guidance})
     torch.manual_seed(args.seed)

@@ -3,6 +3,7 @@
 python infer/sample.py ckpt=runs/<run>/checkpoints/last steps=50 sampler=dpmpp_2m guidance=3 label=3
 python infer/sample.py ckpt=runs/<video run>/checkpoints/last first_frame=frame.png     # image-to-video
 python infer/sample.py ckpt=runs/<text run>/checkpoints/last prompt="ROMEO:" suffix="."   # text infilling
+python infer/sample.py ckpt=runs/<caption run>/checkpoints/last prompt="a small red circle top left" guidance=4
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from diffusion import build_process
 from infer.cli import check_request, parse, pick_device, sampling_plan
 from train.checkpoint import load_model
 from train.health import warn_if_degenerate
@@ -37,7 +37,7 @@ class SampleArgs:
     guidance: float | None = None  # classifier-free guidance scale; 1 = none (default: training config's)
     seed: int = 0
     label: Any = None  # class index or name (models trained with labels)
-    prompt: str | None = None  # text models: fixed prefix
+    prompt: str | None = None  # text: fixed prefix; caption image models: a caption, or several "a|b" (a row each)
     suffix: str | None = None  # text diffusion models: fixed end of every sample
     template: str | None = None  # text diffusion models: the whole sample with [n] holes of n free tokens
     clamp: bool | None = None  # continuous text: the clamping trick (default: the model's modality.clamp)
@@ -58,7 +58,7 @@ class SampleArgs:
 def sample(args) -> str:
     device = pick_device(args.device)
     cfg, modality, model = load_model(args.ckpt, device)
-    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    process = modality.noise_process()
     request = check_request(modality, {k: args[k] for k in REQUESTS if args[k] is not None})
     steps, sampler, guidance = sampling_plan(args, cfg, modality, process, device, request)
     options = {k: args[k] for k in ("eta", "block", "temperature", "top_k", "top_p") if args[k] is not None}

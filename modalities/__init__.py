@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from modalities.audio import Audio
 from modalities.image import Image
+from modalities.image_vae import ImageVAE
 from modalities.text_continuous import TextContinuous
 from modalities.text_discrete import TextDiscrete
 from modalities.video import Video
@@ -11,6 +12,7 @@ from modalities.video import Video
 MODALITIES = {
     "audio": Audio,
     "image": Image,
+    "image_vae": ImageVAE,
     "text_continuous": TextContinuous,
     "text_discrete": TextDiscrete,
     "video": Video,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from backbones.dit import DiT
+from diffusion import build_process
 
 
 @dataclass
@@ -147,6 +148,22 @@ class Modality:
         condition dropout. Default: the process's denoising loss on encode(batch); a modality whose
         objective has terms of its own (a rounding loss, a reconstruction loss) overrides this."""
         return process.loss(self.model_fn(model), self.encode(batch), cond, generator=generator)
+
+    def noise_process(self):
+        """The noise process that corrupts x0 and samples it (diffusion/), as modality.process and
+        modality.diffusion name it; None for a model trained without one (an autoencoder)."""
+        return build_process(self.cfg.process, self.cfg.diffusion, **self.process_kwargs())
+
+    def preview(self, model, device, path) -> str | None:
+        """What training saves every sample.every steps when it is not a grid sampled through the noise
+        process (an autoencoder's originals beside its reconstructions): the path written. Default:
+        None, and the trainer samples a grid."""
+        return None
+
+    def finish(self, model, run_dir: Path, device) -> None:
+        """Work at the end of training on the EMA model, after the last checkpoint (main process only):
+        reports and exported files (an autoencoder's held-out PSNR and its diffusers folder). Default:
+        nothing."""
 
     # --- tokens -------------------------------------------------------------------------
     def backbone_kwargs(self) -> dict:

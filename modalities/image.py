@@ -1,20 +1,27 @@
-"""Images in pixel space: 2-D patch tokens, class-conditional, saved as PNG grids."""
+"""Images: 2-D patch tokens of pixels or of VAE latents (modality.space), conditioned on class
+labels, captions or both (modality.condition), saved as PNG grids."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange
-from PIL import ImageColor
+from omegaconf import OmegaConf
 from torchvision.utils import save_image
 
 from diffusion import PROCESSES
 from diffusion.continuous import ContinuousProcess
 from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_cond
-from modalities.image_data import MNIST, ImageFolder, Shapes
+from modalities.image_adherence import evaluate_adherence
+from modalities.image_data import image_dataset, image_source
 from modalities.image_metrics import evaluate_images
+from modalities.latent_cache import LatentCache
+from modalities.latents import LATENT_MODES, LatentCodec, read_vae_config
+from modalities.prompts import TextEncoder
 
 
 @dataclass
@@ -25,86 +32,167 @@ class ImageConfig(ModalityConfig):
     dataset: str = "shapes"  # shapes (built in) | mnist (idx files in data.path) | folder (data.path)
     size: int = 32  # images are centre-cropped and resized to size x size
     channels: int | None = None  # None: 1 for mnist, 3 otherwise
-    conditional: bool = True  # train and sample with class labels (classifier-free guidance)
+    conditional: bool = True  # train and sample with a condition (modality.condition), for classifier-free guidance
     shapes_items: int = 20000  # size of the built-in shapes training split (test: a tenth)
     background: str = "white"  # folder: colour that transparent pixels are composited onto (name or #rrggbb)
     # class names; kept when given (mnist: label i is classes[i]; folder: the sub-folder names), else
     # filled from the data at the start of training (mnist: classes.txt beside the files, else 0..9)
     classes: list[str] | None = None
+    space: str = "pixel"  # pixel | latent (the DiT models the latents of the VAE in modality.vae)
+    vae: str | None = None  # space=latent: a diffusers AutoencoderKL folder (e.g. a VAE run's checkpoints/last)
+    latent: str = "mean"  # space=latent: encode to the posterior mean | a posterior sample
+    vae_config: dict[str, Any] | None = None  # filled at the start of training; checked when the VAE is loaded
+    condition: str = "label"  # conditional models: label | caption | both
+    text_encoder: str | None = None  # captions: a local transformers folder; null: MiniLM (the prompts extra)
+    caption_tokens: int = 16  # captions are padded or cut to this many tokens
+    missing_caption: str = "error"  # folder data with captions: an image without one is an error | empty
+    prompts: list[str] | None = None  # filled from the training captions: what preview grids ask for
+
+
+def grid_columns(n: int) -> int:
+    """Images per row of a saved grid of n (a square grid); prompts= gives one prompt per row."""
+    return max(1, int(n**0.5))
 
 
 class Image(Modality):
     Config = ImageConfig
     grid_axes = 2
-    requests = ("label",)
-    DATASETS = ("shapes", "mnist", "folder")
+    requests = ("label", "prompt")  # narrowed per model in __init__
+    SPACES = ("pixel", "latent")
+    CONDITIONS = ("label", "caption", "both")
 
     def __init__(self, cfg, patch: int, data=None):
         super().__init__(cfg, patch, data)
         continuous = sorted(name for name, cls in PROCESSES.items() if issubclass(cls, ContinuousProcess))
         if cfg.process not in continuous:
             raise ValueError(f"modality.process={cfg.process!r} does not model pixels; choose one of {continuous}")
-        if cfg.dataset not in self.DATASETS:
-            raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {self.DATASETS}")
-        if cfg.dataset != "shapes" and not self.data_path:
-            raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
-        self.channels = cfg.channels or (1 if cfg.dataset == "mnist" else 3)
-        self.grid = (cfg.size // patch, cfg.size // patch)
-        try:
-            self.background = ImageColor.getrgb(cfg.background)[:3]
-        except ValueError:
+        for key, value, valid in [
+            ("space", cfg.space, self.SPACES),
+            ("condition", cfg.condition, self.CONDITIONS),
+            ("latent", cfg.latent, LATENT_MODES),
+            ("missing_caption", cfg.missing_caption, ("error", "empty")),
+        ]:
+            if value not in valid:
+                raise ValueError(f"modality.{key}={value!r}; choose one of {valid}")
+        self.channels, self.background = image_source(cfg, self.data_path)
+        self.cache_latents = bool(data is not None and data.get("cache_latents", False))
+        self.codec = self._codec() if cfg.space == "latent" else None
+        if self.cache_latents and self.codec is None:
+            raise ValueError("data.cache_latents=true caches VAE latents; it needs modality.space=latent")
+        # x0: pixels, or latents of 1/factor the size with the VAE's channels
+        self.x_channels = self.codec.channels if self.codec else self.channels
+        self.factor = self.codec.factor if self.codec else 1
+        self.labels = cfg.conditional and cfg.condition in ("label", "both")
+        captions = cfg.conditional and cfg.condition in ("caption", "both")
+        self.text = TextEncoder(cfg.text_encoder, cfg.caption_tokens) if captions else None
+        # what this model takes at sampling: label= (label models, refused with a reason by unconditional
+        # ones) and prompt= (caption models); infer/ refuses the other naming these
+        self.requests = (("label",) if self.labels or not captions else ()) + (("prompt",) if captions else ())
+
+    def _codec(self) -> LatentCodec:
+        """The frozen VAE of modality.vae, checked against the config a checkpoint recorded of it."""
+        if not self.cfg.vae:
             raise ValueError(
-                f"modality.background={cfg.background!r} is not a colour; use a name (white, black) or #rrggbb"
-            ) from None
+                "modality.space=latent needs modality.vae=<a diffusers AutoencoderKL folder> (a VAE run's "
+                "runs/<run>/checkpoints/last, or any local copy such as sd-vae-ft-mse)"
+            )
+        codec = LatentCodec(self.cfg.vae, self.cfg.latent)
+        if self.cfg.vae_config is not None:
+            recorded = json.dumps(OmegaConf.to_container(self.cfg.vae_config), sort_keys=True)
+            if json.dumps(read_vae_config(codec.folder), sort_keys=True) != recorded:
+                raise ValueError(
+                    f"the VAE in {codec.folder} is not the one this model was trained with (its config.json "
+                    "differs from modality.vae_config in the checkpoint's config.yaml); give the original VAE folder"
+                )
+        return codec
 
     def check(self, backbone):
-        if self.cfg.size % backbone.patch:
-            ok = [p for p in (1, 2, 4, 8) if self.cfg.size % p == 0]
+        side = self.factor * backbone.patch  # pixels per token side
+        if self.cfg.size % side:
+            ok = [p for p in (1, 2, 4, 8) if self.cfg.size % (self.factor * p) == 0]
+            through = f" (through the VAE's {self.factor}x downsampling)" if self.factor > 1 else ""
             raise ValueError(
-                f"backbone.patch={backbone.patch} does not divide modality.size={self.cfg.size}; "
-                f"use backbone.patch in {ok} or a modality.size divisible by {backbone.patch}"
+                f"backbone.patch={backbone.patch}{through} does not divide modality.size={self.cfg.size}; "
+                f"use backbone.patch in {ok} or a modality.size divisible by {side}"
             )
 
+    def pixels(self, split: str):
+        """The pixel data set of `split`, as the data config names it."""
+        missing = self.cfg.missing_caption if self.text else "empty"  # captions matter only to caption models
+        return image_dataset(self.cfg, split, self.data_path, self.channels, self.background, missing)
+
     def dataset(self, split: str):
-        cfg = self.cfg
-        if cfg.dataset == "shapes":
-            n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
-            return Shapes(n, cfg.size, self.channels, seed=0 if split == "train" else 1)
-        if cfg.dataset == "mnist":
-            return MNIST(self.data_path, split, cfg.size, self.channels, cfg.classes)
-        root = Path(self.data_path)
-        folder = root / split if (root / split).is_dir() else root
-        return ImageFolder(folder, cfg.size, self.channels, self.background, cfg.classes)
+        """The pixel data set, or with data.cache_latents its latents encoded once (LatentCache)."""
+        pixels = self.pixels(split)
+        if not self.cache_latents:
+            return pixels
+        identity = {**self.classifier_key(), "split": split}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return LatentCache(pixels, self.codec, identity, device)
+
+    def classifier_data(self, split: str):
+        return self.pixels(split)  # the classifier reads pixels, never the latent cache
 
     def classifier_key(self) -> dict:
         path = self.data_path and str(Path(self.data_path).resolve())
         return {"dataset": self.cfg.dataset, "size": self.cfg.size, "channels": self.channels, "path": path}
 
     def resolve(self, train_set) -> dict:
-        """The class names (the user's, when given: the data sets take them) and the channels."""
+        """The class names (the user's, when given: the data sets take them) and the channels; for
+        latents the VAE's resolved folder and config; for captions a few training captions that
+        preview grids and prompt-less sampling ask for."""
         given = self.cfg.classes
         if given is not None and list(given) != list(train_set.classes):
             raise ValueError(
                 f"modality.classes={list(given)} does not match the {self.cfg.dataset} data set's classes "
                 f"{list(train_set.classes)}; drop modality.classes or name those"
             )
-        return {"classes": list(train_set.classes), "channels": self.channels}
+        facts = {"classes": list(train_set.classes), "channels": self.channels}
+        if self.codec:  # where the VAE is and what it is, so that sampling finds and checks it
+            facts.update(vae=str(self.codec.folder.resolve()), vae_config=read_vae_config(self.codec.folder))
+        if self.text:
+            seen = [train_set[i]["caption"] for i in range(min(len(train_set), 64))]
+            facts["prompts"] = list(dict.fromkeys(c for c in seen if c))[:4] or [""]
+        return facts
 
     def cond(self, batch):
-        return {"label": batch["label"]} if self.cfg.conditional else {}
+        cond = {"label": batch["label"]} if self.labels else {}
+        if self.text:
+            cond.update(self.text(list(batch["caption"]), batch["label"].device))
+        return cond
+
+    def encode(self, batch, generator=None):
+        """Pixels, or their scaled VAE latents (from the latent cache's moments when it is on)."""
+        if self.codec is None:
+            return batch["x"]
+        moments = batch["moments"] if "moments" in batch else self.codec.moments(batch["x"])
+        return self.codec.latents(moments, generator)
+
+    def loss(self, process, model, batch, cond, generator=None):
+        # encode draws from the checkpointed generator too (modality.latent=sample): exact resume
+        return process.loss(self.model_fn(model), self.encode(batch, generator), cond, generator=generator)
 
     def decode(self, x0, model=None, **request):
-        return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, H, W) in [0, 1]
+        x = self.codec.decode(x0) if self.codec else x0
+        return ((x.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, H, W) in [0, 1]
 
     def save(self, samples, path):
         path = Path(path).with_suffix(".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(samples, path, nrow=max(1, int(len(samples) ** 0.5)), padding=1)
+        save_image(samples, path, nrow=grid_columns(len(samples)), padding=1)
         return str(path)
 
     def backbone_kwargs(self):
-        dim = self.patch * self.patch * self.channels
-        return {"in_dim": dim, "out_dim": dim, "num_classes": len(self.classes) if self.cfg.conditional else 0}
+        dim = self.patch * self.patch * self.x_channels
+        text_dim = self.text.dim if self.text else 0
+        num_classes = len(self.classes) if self.labels else 0
+        return {
+            "in_dim": dim,
+            "out_dim": dim,
+            "num_classes": num_classes,
+            "cond_dim": text_dim,
+            "context_dim": text_dim,
+        }
 
     def to_tokens(self, x):
         tokens = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch, p2=self.patch)
@@ -117,11 +205,30 @@ class Image(Modality):
         return rearrange(tokens, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, w=w, p1=self.patch, p2=self.patch)
 
     def sample_shape(self, n):
-        return (n, self.channels, self.cfg.size, self.cfg.size)
+        side = self.cfg.size // self.factor
+        return (n, self.x_channels, side, side)
 
-    def sample_cond(self, n, device, label=None, **request):
-        return label_cond(self.cfg, self.classes if self.cfg.conditional else [], n, device, label)
+    def sample_cond(self, n, device, label=None, prompt=None, **request):
+        """Labels (label_cond) and/or captions: `prompt` is one caption, or several separated by "|",
+        one per row of the saved grid (cycling when there are more rows); without it, the training
+        captions recorded in modality.prompts."""
+        if label is not None and self.text and not self.labels:
+            raise ValueError(
+                f"this model was trained on captions (modality.condition={self.cfg.condition}); use prompt="
+            )
+        if prompt is not None and self.text is None:
+            raise ValueError("prompt= needs a model trained on captions (modality.condition=caption or both)")
+        if not self.text:
+            return label_cond(self.cfg, self.classes if self.labels else [], n, device, label)
+        cond = label_cond(self.cfg, self.classes, n, device, label) if self.labels else {}
+        prompts = prompt.split("|") if prompt is not None else list(self.cfg.prompts or [""])
+        rows = [prompts[(i // grid_columns(n)) % len(prompts)] for i in range(n)]
+        return {**cond, **self.text(rows, device)}
 
     def evaluate(self, model, process, args, device, reference=None):
-        """Classifier label agreement and Fréchet distance (see modalities/image_metrics.py)."""
-        return evaluate_images(self, model, process, args, device)
+        """Classifier label agreement and Fréchet distance (see modalities/image_metrics.py), and for
+        captioned shapes the prompt adherence (modalities/image_adherence.py)."""
+        metrics = evaluate_images(self, model, process, args, device)
+        if self.text and self.cfg.dataset == "shapes":
+            metrics.update(evaluate_adherence(self, model, process, args, device))
+        return metrics

@@ -6,13 +6,14 @@ Every item is {"x": (C, H, W) float in [-1, 1], "label": int, "caption": str}.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageDraw, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
@@ -71,6 +72,7 @@ def to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
 
 
 SHAPE_RADIUS = {True: 0.22, False: 0.13}  # big / small, as a share of the image side
+BACKGROUND = (20, 20, 28)  # the shapes' dark background
 
 
 def draw_shape(name: str, colour: str, centre, big: bool, size: int, channels: int = 3) -> torch.Tensor:
@@ -81,7 +83,7 @@ def draw_shape(name: str, colour: str, centre, big: bool, size: int, channels: i
         centre: (x, y) as shares of the image side; big: radius 0.22 rather than 0.13 of the side.
     """
     s = 4 * size  # draw large, then downsample for smooth edges
-    image = Image.new("RGB", (s, s), (20, 20, 28))
+    image = Image.new("RGB", (s, s), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cx, cy = np.asarray(centre, dtype=float) * s
     r = SHAPE_RADIUS[big] * s
@@ -116,6 +118,10 @@ class Shapes(Dataset):
 
     def __init__(self, n: int, size: int, channels: int = 3, seed: int = 0):
         self.n, self.size, self.channels, self.seed = n, size, channels, seed
+
+    def fingerprint(self) -> str:
+        """What identifies the items (caches key on it): drawn from these numbers alone."""
+        return f"shapes-v1-{self.n}-{self.size}-{self.channels}-{self.seed}"
 
     def __len__(self):
         return self.n
@@ -190,6 +196,13 @@ class MNIST(Dataset):
             )
         self.caption = "the digit {}" if self.classes == self.DIGITS else "{}"
 
+    def fingerprint(self) -> str:
+        """A hash of the pixels, labels and class names (caches key on it)."""
+        digest = hashlib.sha256(self.images.tobytes())
+        digest.update(self.labels.tobytes())
+        digest.update(json.dumps([self.classes, self.size, self.channels]).encode())
+        return digest.hexdigest()[:16]
+
     def __len__(self):
         return len(self.labels)
 
@@ -212,13 +225,17 @@ class ImageFolder(Dataset):
         background: RGB triple that transparent pixels are composited onto (see `as_shown`).
         classes: class names in the order of the labels (modality.classes), naming every sub-folder;
             None: the sorted sub-folder names.
+        missing_caption: "empty" (an image without a line in captions.jsonl has the caption "") or
+            "error" (such images are refused when listing, named, for models trained on captions).
     """
 
-    def __init__(self, root: str, size: int, channels: int = 3, background=(255, 255, 255), classes=None):
+    def __init__(
+        self, root: str, size: int, channels: int = 3, background=(255, 255, 255), classes=None, missing_caption="empty"
+    ):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (data.path)")
-        self.size, self.channels, self.background = size, channels, tuple(background)
+        self.root, self.size, self.channels, self.background = root, size, channels, tuple(background)
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         self.classes = tuple(p.name for p in subdirs) or ("all",)
         if classes is not None:  # the user's names and order; a split may lack some of the classes
@@ -248,6 +265,19 @@ class ImageFolder(Dataset):
                         self.captions[str(root / row["file"])] = str(row["caption"])
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise ValueError(f"{captions}:{n}: expected {{'file': ..., 'caption': ...}} ({e})") from e
+        uncaptioned = [str(path) for path, _ in self.items if str(path) not in self.captions]
+        if missing_caption == "error" and uncaptioned:
+            raise ValueError(
+                f"{len(uncaptioned)} of {len(self.items)} images in {root} have no caption in {captions} "
+                f"(first: {uncaptioned[:3]}); add them, or set modality.missing_caption=empty to train them "
+                "with the empty caption"
+            )
+
+    def fingerprint(self) -> str:
+        """A hash of every file's path, size and modification time, and of the captions (caches key on it)."""
+        files = [self.root / "captions.jsonl", *(path for path, _ in self.items)]
+        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()]
+        return hashlib.sha256(json.dumps([stats, self.classes, self.size, self.channels]).encode()).hexdigest()[:16]
 
     def __len__(self):
         return len(self.items)
@@ -261,3 +291,35 @@ class ImageFolder(Dataset):
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             raise BadSample(path, f"cannot decode image ({type(e).__name__}: {e})") from e
         return {"x": x, "label": label, "caption": self.captions.get(str(path), "")}
+
+
+def image_dataset(cfg, split: str, data_path, channels: int, background, missing_caption: str = "empty"):
+    """The pixel data set that an image modality's config names (modality.dataset: shapes, mnist or
+    folder, at modality.size) for `split` ("train" or "test")."""
+    if cfg.dataset == "shapes":
+        n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
+        return Shapes(n, cfg.size, channels, seed=0 if split == "train" else 1)
+    if cfg.dataset == "mnist":
+        return MNIST(data_path, split, cfg.size, channels, cfg.classes)
+    root = Path(data_path)
+    folder = root / split if (root / split).is_dir() else root
+    return ImageFolder(folder, cfg.size, channels, background, cfg.classes, missing_caption)
+
+
+DATASETS = ("shapes", "mnist", "folder")
+
+
+def image_source(cfg, data_path) -> tuple[int, tuple[int, int, int]]:
+    """Check the image data keys of a modality config (dataset, data.path, background) and return
+    (channels, background RGB): channels is modality.channels, else 1 for mnist and 3 otherwise."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {DATASETS}")
+    if cfg.dataset != "shapes" and not data_path:
+        raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
+    try:
+        background = ImageColor.getrgb(cfg.background)[:3]
+    except ValueError:
+        raise ValueError(
+            f"modality.background={cfg.background!r} is not a colour; use a name (white, black) or #rrggbb"
+        ) from None
+    return cfg.channels or (1 if cfg.dataset == "mnist" else 3), background

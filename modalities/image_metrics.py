@@ -190,16 +190,17 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
 def generated(modality, model, process, args, device):
     """`args.n` samples of `model` in batches of `args.batch`, each batch seeded (args.seed + i), with
     labels cycling through the classes for a class-conditional model, so every class is asked for
-    equally often. Yields (labels (B,) or None, x0)."""
+    equally often (other conditions: the modality's sample_cond). Yields (labels (B,) or None, x0)."""
     for i, start in enumerate(range(0, args.n, args.batch)):
         size = min(args.batch, args.n - start)
-        labels = None
-        if modality.cfg.conditional:
+        cond, labels = modality.sample_cond(size, device), None
+        if "label" in cond:
             labels = torch.arange(start, start + size, device=device) % len(modality.classes)
+            cond["label"] = labels
         x0 = process.sample(
             modality.model_fn(model),
             modality.sample_shape(size),
-            {} if labels is None else {"label": labels},
+            cond,
             steps=args.steps,
             sampler=args.sampler,
             guidance=args.guidance,

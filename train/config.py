@@ -45,6 +45,7 @@ class OptimConfig:
 class DataConfig:
     path: str | None = None  # the training data (file or folder, per modality); None: the built-in data
     bad_threshold: float = 0.01
+    cache_latents: bool = False  # latent images: encode the data set once through the VAE, then read the cache
 
 
 @dataclass
@@ -110,7 +111,8 @@ def validate(cfg: DictConfig):
     _choice("attention", cfg.attention, BACKENDS)
     _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine"))
     _choice("modality.name", cfg.modality.name, MODALITIES)
-    _choice("modality.process", cfg.modality.process, PROCESSES)
+    if "process" in cfg.modality:  # modalities trained without a noise process (image_vae) have no such key
+        _choice("modality.process", cfg.modality.process, PROCESSES)
     _choice("backbone.layout", cfg.backbone.layout, LAYOUTS)
     if cfg.backbone.layout == "factorized" and MODALITIES[cfg.modality.name].grid_axes < 2:
         raise ValueError(

@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones.dit import check_shape
-from diffusion import build_process
 from modalities import build_modality
 from modalities.data import BadDataTracker, Tolerant, collate
 from train.checkpoint import build_model, resume_state, save_checkpoint
@@ -167,6 +166,12 @@ def draw_samples(cfg, modality, process, ema_model, device, path: Path, seed: in
     return modality.save(modality.decode(x0, ema_model), path)
 
 
+def preview(cfg, modality, process, ema_model, device, path: Path) -> str:
+    """What training shows of the model at `path`: the modality's own picture (Modality.preview),
+    else a grid sampled through the noise process."""
+    return modality.preview(ema_model, device, path) or draw_samples(cfg, modality, process, ema_model, device, path)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -210,7 +215,7 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     if cfg.compile:
         model.compile_blocks()
-    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    process = modality.noise_process()  # None for a model trained without one (modality=image_vae)
     optimizer, scheduler = make_optimizer(cfg, model, device)
     loader = make_loader(cfg, train_set, accelerator)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -297,7 +302,7 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.0f}")
                 window, t0, seen = [], time.perf_counter(), 0
             if accelerator.is_main_process and cfg.sample.every and state.step % cfg.sample.every == 0:
-                draw_samples(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
+                preview(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
             if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["now"]:
                 # Inside a non-finite streak, or with weights already blown up, a checkpoint would
                 # replace `last` by a broken model: keep the last good one instead.
@@ -332,7 +337,9 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
         # not under SIGTERM, whose grace period is for the checkpoint.
         no_grid = not any((run_dir / "samples").glob("step_*"))
         if cfg.sample.every and no_grid and (out_of_time or not stop["now"]):
-            draw_samples(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
+            preview(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
+        if out_of_time or not stop["now"]:
+            modality.finish(ema_model, run_dir, device)
         log.close()
         if losses:
             plot_losses(losses, run_dir / "loss.png")

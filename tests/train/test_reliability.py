@@ -219,7 +219,7 @@ def _two_process_run(out_dir):
     def spying_modality(*args, **kwargs):  # record the data each process trains on
         modality = real_encode(*args, **kwargs)
         encode = modality.encode
-        modality.encode = lambda batch: seen.append(batch["x"].sum().item()) or encode(batch)
+        modality.encode = lambda batch, *rest: seen.append(batch["x"].sum().item()) or encode(batch, *rest)
         return modality
 
     trainer.build_modality = spying_modality

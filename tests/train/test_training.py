@@ -127,10 +127,11 @@ def test_bf16_and_fp32_agree_on_a_tiny_model(tiny_cfg):
 def test_sample_cli_is_seeded_and_cycles_labels_across_batches(tiny_cfg, tmp_path, monkeypatch, capsys):
     import infer.sample as cli
     from infer.cli import parse
+    from modalities.image import Image
 
     ckpt = trainer.train(tiny_cfg("steps=5")).run_dir / "checkpoints" / "last"
     seen = []
-    real_build = cli.build_process
+    real_build = Image.noise_process
 
     def spying_build(*args, **kwargs):
         process = real_build(*args, **kwargs)
@@ -143,7 +144,7 @@ def test_sample_cli_is_seeded_and_cycles_labels_across_batches(tiny_cfg, tmp_pat
         process.sample = sample
         return process
 
-    monkeypatch.setattr(cli, "build_process", spying_build)
+    monkeypatch.setattr(Image, "noise_process", spying_build)
 
     def run(*extra):
         argv = [f"ckpt={ckpt}", "n=8", "batch=3", "steps=2", "device=cpu", *extra]

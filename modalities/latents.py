@@ -1,0 +1,108 @@
+"""A frozen KL autoencoder between pixels and the latents that a DiT is trained on (Rombach et al.
+2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
+
+The VAE is diffusers' AutoencoderKL, loaded from any local diffusers-format folder
+(`config.json` + `diffusion_pytorch_model.safetensors`, as `save_pretrained` writes it): a VAE that
+polydiff trained (`modality=image_vae`) or a copy of a Stable Diffusion VAE. Nothing is downloaded.
+Images go through it one (B, C, H, W) batch at a time, so video can use it frame by frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+LATENT_MODES = ("mean", "sample")
+# Config entries that say who wrote the folder, not what the VAE computes: ignored when a
+# checkpoint's recorded VAE config is compared with the folder's.
+PROVENANCE = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+def vae_folder(path) -> Path:
+    """The diffusers folder that `path` (modality.vae) names: the folder itself when it holds
+    config.json, else its `vae/` sub-folder (a polydiff VAE checkpoint, a diffusers pipeline)."""
+    path = Path(path)
+    for folder in (path, path / "vae"):
+        if (folder / "config.json").is_file():
+            return folder
+    if not path.exists():
+        raise FileNotFoundError(
+            f"modality.vae={path}: the VAE folder does not exist (moved or deleted?). Give the folder of a "
+            "diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors), e.g. a VAE run's "
+            "runs/<run>/checkpoints/last"
+        )
+    raise FileNotFoundError(
+        f"modality.vae={path}: no diffusers AutoencoderKL there (neither {path / 'config.json'} nor "
+        f"{path / 'vae' / 'config.json'}); give the folder that save_pretrained wrote"
+    )
+
+
+def read_vae_config(path) -> dict:
+    """The VAE's diffusers config (what computes, without PROVENANCE entries), read from its folder."""
+    config = json.loads((vae_folder(path) / "config.json").read_text())
+    return {k: v for k, v in config.items() if k not in PROVENANCE}
+
+
+class LatentCodec:
+    """Pixels in [-1, 1] <-> scaled latents with (about) unit variance, through a frozen AutoencoderKL.
+
+    z = (E(x) - shift) * scale, with `scaling_factor` and `shift_factor` (0 when absent) read from the
+    VAE's config (the convention of Stable Diffusion 3 and of diffusers' pipelines).
+
+    Args:
+        path: modality.vae, a diffusers folder (or one with a `vae/` sub-folder).
+        mode: "mean" encodes to the posterior mean; "sample" draws from the posterior (a little
+            noise that keeps the DiT from fitting the encoder's exact outputs).
+    """
+
+    def __init__(self, path, mode: str = "mean"):
+        if mode not in LATENT_MODES:
+            raise ValueError(f"modality.latent={mode!r}; choose one of {LATENT_MODES}")
+        self.folder, self.mode = vae_folder(path), mode
+        self.vae = AutoencoderKL.from_pretrained(self.folder, local_files_only=True).eval().requires_grad_(False)
+        config = self.vae.config
+        self.scale = float(config.scaling_factor)
+        self.shift = float(getattr(config, "shift_factor", None) or 0.0)
+        self.channels = int(config.latent_channels)
+        self.factor = 2 ** (len(config.block_out_channels) - 1)  # each encoder block but the last halves H and W
+
+    def to(self, device) -> LatentCodec:
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) pixels in [-1, 1] -> (B, 2 c, H/f, W/f) posterior mean and log-variance,
+        unscaled: what the latent cache stores, so that mode=sample still draws fresh noise."""
+        self.to(x.device)
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.parameters.float()
+
+    def latents(self, moments: torch.Tensor, generator=None) -> torch.Tensor:
+        """Posterior moments (from `moments`) -> scaled latents z (B, c, H/f, W/f)."""
+        posterior = DiagonalGaussianDistribution(moments)
+        z = posterior.mean if self.mode == "mean" else posterior.sample(generator)
+        return (z - self.shift) * self.scale
+
+    def encode(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """(B, C, H, W) pixels in [-1, 1] -> scaled latents (B, c, H/f, W/f)."""
+        return self.latents(self.moments(x), generator)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, c, h, w) -> pixels (B, C, h f, w f), about [-1, 1] (not clamped)."""
+        self.to(z.device)
+        return self.vae.decode((z / self.scale + self.shift).to(self.vae.dtype)).sample.float()
+
+    def fingerprint(self) -> str:
+        """A hash of the VAE's weights and config: what a latent cache is keyed on."""
+        digest = hashlib.sha256(json.dumps(read_vae_config(self.folder), sort_keys=True).encode())
+        for path in sorted(self.folder.glob("*.safetensors")) + sorted(self.folder.glob("*.bin")):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
