@@ -10,8 +10,6 @@ import re
 
 import torch
 
-from diffusion import build_process
-
 WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")  # letters, with inner apostrophes (o'er, ne'er)
 
 
@@ -55,7 +53,7 @@ def generative_perplexity(texts: list[str], reference, args, device) -> float:
         args: seed, batch and mc_timesteps (the reference's timesteps, if it is a diffusion model).
     """
     cfg, modality, model = reference
-    process = build_process(cfg.modality.process, cfg.modality.diffusion, **modality.process_kwargs())
+    process = modality.noise_process()
     by_length: dict[int, list[list[int]]] = {}
     for text in texts:
         ids = modality.tokenizer.encode(text)[: cfg.modality.seq_len]
