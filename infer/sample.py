@@ -91,7 +91,7 @@ def sample(args) -> str:
         chunks.append(modality.decode(x0, model, **request))
     samples = torch.cat(chunks) if isinstance(chunks[0], torch.Tensor) else sum(chunks, [])
     out = args.out or str(Path(args.ckpt) / "samples" / f"{sampler}-{steps}steps-g{guidance:g}-seed{args.seed}")
-    path = modality.save(samples, out)
+    path = modality.save(samples, out, **request)
     if previews:  # rows: the first samples; columns: time from noise to the answer
         stacked = torch.stack(previews, dim=1).flatten(0, 1)
         preview_path = modality.save(modality.decode(stacked, model, **request), f"{out}-preview")

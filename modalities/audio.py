@@ -166,7 +166,7 @@ class Audio(Modality):
         waveform = self.griffin_lim.to(x0.device)(magnitude)
         return waveform.clamp(-1, 1).cpu()
 
-    def save(self, samples, path):
+    def save(self, samples, path, **request):
         """One 16-bit WAV per clip and spectrograms.png (their log-mels in a labelled grid) in the
         folder `path`; returns the folder."""
         folder = Path(path)

@@ -116,8 +116,9 @@ class Modality:
         """
         return x0
 
-    def save(self, samples, path) -> str:
-        """Write the decoded samples as the user-facing artefact; returns the path written."""
+    def save(self, samples, path, **request) -> str:
+        """Write the decoded samples as the user-facing artefact; returns the path written. `request`
+        is the sampling request (prompt=, label=, ...), which a modality may write beside them."""
         raise NotImplementedError
 
     # --- the network and its objective -------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from einops import rearrange
 from omegaconf import OmegaConf
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
 from torchvision.utils import save_image
 
 from diffusion import PROCESSES
@@ -52,6 +54,21 @@ class ImageConfig(ModalityConfig):
 def grid_columns(n: int) -> int:
     """Images per row of a saved grid of n (a square grid); prompts= gives one prompt per row."""
     return max(1, int(n**0.5))
+
+
+def caption_rows(path: Path, captions: list[str], pitch: int) -> None:
+    """Write captions[i] in a white margin left of row i of the PNG grid at `path` (rows `pitch`
+    pixels apart). PIL draws into the file as it is; a plotting library would resample the images."""
+    grid = PILImage.open(path).convert("RGB")
+    font = ImageFont.load_default()
+    captions = [c or "(empty prompt)" for c in captions]
+    margin = 8 + int(max(ImageDraw.Draw(grid).textlength(c, font=font) for c in captions))
+    page = PILImage.new("RGB", (grid.width + margin, grid.height), "white")
+    page.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(page)
+    for i, caption in enumerate(captions):
+        draw.text((4, 1 + i * pitch + pitch // 2), caption, fill="black", font=font, anchor="lm")
+    page.save(path)
 
 
 class Image(Modality):
@@ -176,10 +193,14 @@ class Image(Modality):
         x = self.codec.decode(x0) if self.codec else x0
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, H, W) in [0, 1]
 
-    def save(self, samples, path):
+    def save(self, samples, path, prompt=None, **request):
+        """A PNG grid; asked with prompt=, it names each row's prompt at its left."""
         path = Path(path).with_suffix(".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(samples, path, nrow=grid_columns(len(samples)), padding=1)
+        columns = grid_columns(len(samples))
+        save_image(samples, path, nrow=columns, padding=1)
+        if self.text and prompt is not None:
+            caption_rows(path, self.captions(len(samples), prompt)[::columns], pitch=samples.shape[-2] + 1)
         return str(path)
 
     def backbone_kwargs(self):
@@ -221,9 +242,13 @@ class Image(Modality):
         if not self.text:
             return label_cond(self.cfg, self.classes if self.labels else [], n, device, label)
         cond = label_cond(self.cfg, self.classes, n, device, label) if self.labels else {}
+        return {**cond, **self.text(self.captions(n, prompt), device)}
+
+    def captions(self, n, prompt=None) -> list[str]:
+        """The caption of each of n samples: `prompt` split at "|", one part per grid row (cycling),
+        or without it the training captions recorded in modality.prompts."""
         prompts = prompt.split("|") if prompt is not None else list(self.cfg.prompts or [""])
-        rows = [prompts[(i // grid_columns(n)) % len(prompts)] for i in range(n)]
-        return {**cond, **self.text(rows, device)}
+        return [prompts[(i // grid_columns(n)) % len(prompts)] for i in range(n)]
 
     def evaluate(self, model, process, args, device, reference=None):
         """Classifier label agreement and Fréchet distance (see modalities/image_metrics.py), and for

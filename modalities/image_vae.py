@@ -133,7 +133,7 @@ class ImageVAE(Modality):
         error = F.l1_loss if self.cfg.reconstruction == "l1" else F.mse_loss
         return error(reconstruction.float(), x.float()) + self.cfg.kl_weight * posterior.kl().mean() / x[0].numel()
 
-    def save(self, samples, path):
+    def save(self, samples, path, **request):
         """Originals (top half of the rows) above their reconstructions, as one PNG."""
         path = Path(path).with_suffix(".png")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ class TextModality(Modality):
         tokenizer = self._tokenizer()
         return [tokenizer.decode(row) for row in ids.tolist()]
 
-    def save(self, samples, path) -> str:
+    def save(self, samples, path, **request) -> str:
         path = Path(path).with_suffix(".txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(f"{'=' * 20} sample {i} {'=' * 20}\n{s}\n" for i, s in enumerate(samples))

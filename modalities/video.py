@@ -109,7 +109,7 @@ class Video(Modality):
     def decode(self, x0, model=None, **request):
         return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, T, H, W) in [0, 1]
 
-    def save(self, samples, path):
+    def save(self, samples, path, **request):
         """Each clip as `<path>-<i>.mp4` at modality.fps, and `<path>.png`: one row per clip,
         every frame (every k-th when a clip has more than STRIP_COLUMNS). Returns the PNG's path."""
         path = Path(path).with_suffix("")

@@ -62,9 +62,22 @@ def test_two_prompts_with_one_seed_give_different_samples(caption_run, tmp_path)
     for prompt in ("a small red circle top left", "a large blue ring centre", "a small red circle top left"):
         out = str(tmp_path / f"{len(paths)}")
         sample(parse(SampleArgs, [f"ckpt={ckpt}", "n=4", "steps=4", "seed=3", f"prompt={prompt}", f"out={out}"]))
-        paths[len(paths)] = torch.from_numpy(np.asarray(PIL.open(out + ".png"), dtype=np.float32))
+        page = torch.from_numpy(np.asarray(PIL.open(out + ".png"), dtype=np.float32))
+        paths[len(paths)] = page[:, -35:]  # the 2x2 grid of 16 px images; its prompt is written left of it
+        margin = page[:, :-35]
+        assert margin.shape[1] > 8 * len(prompt.split()) and margin.min() < 100  # dark writing on white
     assert torch.equal(paths[0], paths[2])  # the same prompt and seed: the same picture
     assert (paths[0] - paths[1]).abs().mean() > 0.5  # another prompt: another picture
+    both = str(tmp_path / "both")
+    sample(
+        parse(
+            SampleArgs, [f"ckpt={ckpt}", "n=4", "steps=4", "seed=3", "prompt=a red circle|a blue ring", f"out={both}"]
+        )
+    )
+    page = np.asarray(PIL.open(both + ".png").convert("L"), dtype=np.float32)
+    inked = (page[:, : page.shape[1] - 35] < 128).any(axis=1)
+    assert inked[1:18].any() and inked[18:35].any()  # one prompt beside each row
+    assert not inked[16:20].any()  # written within its row, not across the seam
     # several prompts: one per row of the grid
     rows = modality.sample_cond(4, "cpu", prompt="a small red circle top left|a large blue ring centre")
     assert torch.equal(rows["cond"][0], rows["cond"][1]) and not torch.equal(rows["cond"][1], rows["cond"][2])
