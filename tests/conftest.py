@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+
+try:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+except ImportError as e:  # a pytest from outside the environment polydiff was installed into
+    raise pytest.UsageError(
+        f'{e}: install polydiff first (pip install -e ".[dev]") and run the pytest of that environment'
+    ) from e
 
 from train.config import CONFIG_DIR, register_schemas
 
