@@ -13,6 +13,11 @@ those vectors to and from its width. Three parts make it decode to words rather 
   the per-dimension scale is 1, like images in [-1, 1], and the loss cannot shrink it;
 - the clamping trick: at sampling, the x0 estimate is replaced by its nearest embedding from a
   chosen share of the steps on (Li et al., Sec. 4.2), through the x0_hook of the continuous samplers.
+
+`interpolate=true` is CDCD's score interpolation (Dieleman et al. 2022, Sec. 3.1): the rounding
+decoder reads the network's output as token logits, and the x0 estimate is the probability-weighted
+mean of the embeddings, so the estimate always lies in their convex hull and the rounding
+cross-entropy on those logits trains the network as a classifier at every noise level.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class TextContinuousConfig(TextConfig):
     decoder: str = "linear"  # rounding decoder: linear (its own layer) | tied (logits from the embedding table)
     rounding_weight: float = 1.0  # weight of the rounding cross-entropy beside the diffusion loss
     self_condition: bool = False  # the network also sees its previous x0 estimate (Chen et al. 2023)
+    interpolate: bool = False  # score interpolation (CDCD): x0 = softmax(decoder(output)) @ embeddings
     clamp: bool = True  # sampling: the clamping trick (x0 estimate -> nearest embedding)
     clamp_from: float = 0.0  # sampling: share of the steps done before clamping starts (0: from the first)
     decode: str = "argmax"  # sampling: argmax (the rounding decoder) | nearest (nearest embedding)
@@ -104,6 +110,12 @@ class TextContinuous(TextModality):
             raise ValueError(f"modality.decoder={cfg.decoder!r}; choose one of {DECODERS}")
         if cfg.rounding_weight < 0:
             raise ValueError(f"modality.rounding_weight={cfg.rounding_weight} must be >= 0")
+        if cfg.interpolate and (cfg.process, cfg.diffusion.prediction) != ("gaussian", "x0"):
+            raise ValueError(
+                "modality.interpolate=true makes the network's output an x0 estimate: it needs "
+                f"modality.process=gaussian and modality.diffusion.prediction=x0, not {cfg.process!r} and "
+                f"{cfg.diffusion.prediction!r}"
+            )
         self.sampling(cfg.clamp, cfg.clamp_from, cfg.decode)
 
     def sampling(self, clamp=None, clamp_from=None, decode=None) -> tuple[bool, float, str]:
@@ -134,17 +146,23 @@ class TextContinuous(TextModality):
     def loss(self, process, model, batch, cond, generator=None):
         """Diffusion loss on the embedded sequence plus rounding_weight times the rounding
         cross-entropy: of the tokens given the x0 estimate (what sampling decodes) and given the clean
-        embeddings (what the likelihood bound decodes at the lowest noise level)."""
-        ids = self.encode(batch)
+        embeddings (what the likelihood bound decodes at the lowest noise level). With interpolate, the
+        first term is on the logits the x0 estimate was interpolated from."""
+        ids, seen = self.encode(batch), {}
         x0 = model.embed(ids)
-        diffusion, x0_hat = process.loss_and_x0(self.model_fn(model), x0, cond, generator, self.cfg.self_condition)
-        rounding = F.cross_entropy(model.logits(x0_hat).flatten(0, 1), ids.flatten())
+        diffusion, x0_hat = process.loss_and_x0(
+            self.model_fn(model, seen), x0, cond, generator, self.cfg.self_condition
+        )
+        logits = seen["logits"] if self.cfg.interpolate else model.logits(x0_hat)
+        rounding = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
         rounding = rounding + F.cross_entropy(model.logits(x0).flatten(0, 1), ids.flatten())
         return diffusion + self.cfg.rounding_weight * rounding
 
-    def model_fn(self, backbone):
+    def model_fn(self, backbone, seen: dict | None = None):
         """The DiT on (B, N, embed_dim) vectors; with self_condition, the x0 estimate in
-        cond[SELF_COND] (zeros when absent) is concatenated to each token's input."""
+        cond[SELF_COND] (zeros when absent) is concatenated to each token's input. With interpolate,
+        the output is read by the rounding decoder and the x0 estimate returned is the
+        probability-weighted mean of the embeddings; the logits of the last call go to seen["logits"]."""
         dit = backbone.dit
 
         def fn(xt, t, cond):
@@ -153,7 +171,13 @@ class TextContinuous(TextModality):
             if self.cfg.self_condition:
                 xt = torch.cat([xt, torch.zeros_like(xt) if previous is None else previous.to(xt.dtype)], -1)
             tokens, positions = self.to_tokens(xt)
-            return self.from_tokens(dit(tokens, positions, t, **cond), xt.shape)
+            out = self.from_tokens(dit(tokens, positions, t, **cond), xt.shape)
+            if not self.cfg.interpolate:
+                return out
+            logits = backbone.logits(out)
+            if seen is not None:
+                seen["logits"] = logits
+            return (logits.softmax(-1) @ backbone.table()).to(out.dtype)
 
         return fn
 
@@ -211,14 +235,17 @@ class TextContinuous(TextModality):
     def nll(self, model, process, ids, mc_timesteps: int, generator=None) -> torch.Tensor:
         """The variational bound on -log p(tokens) in nats per token, (B,): the process's diffusion
         and prior terms on the embedded sequence (GaussianVP.bound) plus the decoder term, the
-        rounding decoder's cross-entropy of the tokens given the x0 estimate at the lowest noise
-        level t_min. Embeddings are a fixed function of the tokens, so this bounds the tokens' own
-        likelihood and is comparable with the token-ID models' bounds."""
-        x0, model_fn = model.embed(ids), self.model_fn(model)
+        rounding decoder's cross-entropy of the tokens given the x0 estimate (with interpolate: the
+        logits it is interpolated from) at the lowest noise level t_min. Embeddings are a fixed
+        function of the tokens, so this bounds the tokens' own likelihood and is comparable with the
+        token-ID models' bounds."""
+        seen = {}
+        x0, model_fn = model.embed(ids), self.model_fn(model, seen)
         terms = process.bound(model_fn, x0, {}, mc_timesteps, generator)
         t = torch.full((ids.shape[0],), process.t_min, device=ids.device)
         zt = process.corrupt(x0, t, torch.randn(x0.shape, generator=generator, device=ids.device))[0]
-        logits = model.logits(process.to_x0(model_fn(zt, t, {}), zt, t))
+        x0_hat = process.to_x0(model_fn(zt, t, {}), zt, t)
+        logits = seen["logits"] if self.cfg.interpolate else model.logits(x0_hat)
         decoder = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").sum(1)
         return (terms + decoder.double()) / ids.shape[1]
 

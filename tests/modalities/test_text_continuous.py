@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion import build_process
+from modalities.base import DiffusionConfig
 from modalities.text_continuous import TextContinuous, TextContinuousConfig
 from modalities.text_metrics import real_word_share
 
@@ -160,6 +161,8 @@ def test_bad_requests_and_config_values_are_refused_by_name(trained, tmp_path):
         modality_and_model(tmp_path, process="masked")
     with pytest.raises(ValueError, match="modality.decoder='shared'"):
         modality_and_model(tmp_path, decoder="shared")
+    with pytest.raises(ValueError, match="modality.interpolate=true .*prediction=x0, not 'gaussian' and 'eps'"):
+        modality_and_model(tmp_path, interpolate=True, diffusion=DiffusionConfig(schedule="sqrt", prediction="eps"))
 
 
 def test_tied_decoder_decodes_like_the_nearest_embedding(tmp_path):
@@ -224,3 +227,22 @@ def test_a_checkpoint_alone_samples_and_evaluates(tmp_path, capsys):
     )
     assert metrics["bits_per_char"] > 0 and 0 <= metrics["rounding_changed_share"] <= 1
     assert {"noclamp_argmax_real_word_share", "clamp_nearest_sample_unigram_entropy_bits"} <= metrics.keys()
+
+
+def test_score_interpolation_trains_and_samples_words(tmp_path):
+    modality, model, train_set = modality_and_model(tmp_path, interpolate=True)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = fit(modality, model, train_set)
+    assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
+    x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    x0_hat = modality.model_fn(model.eval(), seen)(x, torch.ones(2), {})
+    weights = seen["logits"].softmax(-1)
+    torch.testing.assert_close(x0_hat, weights @ model.table())  # the estimate is the embeddings' mean
+    assert (x0_hat.norm(dim=-1) <= math.sqrt(8) + 1e-4).all()  # ...so inside their hull, never beyond
+    fresh = modality_and_model(tmp_path, interpolate=True)[1]
+    fresh.load_state_dict(initial)
+    known = modality.training_words()
+    share = [real_word_share(sample(modality, m.eval(), 0, n=16, steps=20)[1], known) for m in (model, fresh)]
+    share = [0.0 if math.isnan(s) else s for s in share]
+    assert share[0] > share[1] + 0.15, share
