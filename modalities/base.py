@@ -68,6 +68,9 @@ class Modality:
     # Whether evaluation can score samples with another checkpoint (infer/evaluate.py's reference=,
     # e.g. generative perplexity of text); where not, reference= is refused.
     scored_by_reference = False
+    # Keys added to Config after runs were saved without them, with the value those runs used
+    # (today's default may differ): load_run_config fills them into older runs' configs.
+    saved_before: dict = {}
 
     def __init__(self, cfg, patch: int, data=None):
         # data: the run's `data` config; its path (None: the modality's built-in data) and the

@@ -14,10 +14,11 @@ those vectors to and from its width. Three parts make it decode to words rather 
 - the clamping trick: at sampling, the x0 estimate is replaced by its nearest embedding from a
   chosen share of the steps on (Li et al., Sec. 4.2), through the x0_hook of the continuous samplers.
 
-`interpolate=true` is CDCD's score interpolation (Dieleman et al. 2022, Sec. 3.1): the rounding
-decoder reads the network's output as token logits, and the x0 estimate is the probability-weighted
-mean of the embeddings, so the estimate always lies in their convex hull and the rounding
-cross-entropy on those logits trains the network as a classifier at every noise level.
+`interpolate=true` (the default) is CDCD's score interpolation (Dieleman et al. 2022, Sec. 3.1):
+the rounding decoder reads the network's output as token logits, and the x0 estimate is the
+probability-weighted mean of the embeddings, so the estimate always lies in their convex hull and
+the rounding cross-entropy on those logits trains the network as a classifier at every noise level.
+`interpolate=false` lets the network regress x0 freely, as Diffusion-LM does.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class TextContinuousConfig(TextConfig):
     decoder: str = "linear"  # rounding decoder: linear (its own layer) | tied (logits from the embedding table)
     rounding_weight: float = 1.0  # weight of the rounding cross-entropy beside the diffusion loss
     self_condition: bool = False  # the network also sees its previous x0 estimate (Chen et al. 2023)
-    interpolate: bool = False  # score interpolation (CDCD): x0 = softmax(decoder(output)) @ embeddings
+    interpolate: bool = True  # score interpolation (CDCD): x0 = softmax(decoder(output)) @ embeddings
     clamp: bool = True  # sampling: the clamping trick (x0 estimate -> nearest embedding)
     clamp_from: float = 0.0  # sampling: share of the steps done before clamping starts (0: from the first)
     decode: str = "argmax"  # sampling: argmax (the rounding decoder) | nearest (nearest embedding)
@@ -98,6 +99,7 @@ class TextContinuous(TextModality):
     Config = TextContinuousConfig
     # on top of the held text: the clamping trick on/off, from which share of the steps, and the decoding
     requests = TextModality.requests + ("clamp", "clamp_from", "decode")
+    saved_before = {"interpolate": False}  # runs saved before 2026-12-03 regressed x0 freely
 
     def __init__(self, cfg, patch: int, data=None):
         super().__init__(cfg, patch, data)
@@ -114,7 +116,7 @@ class TextContinuous(TextModality):
             raise ValueError(
                 "modality.interpolate=true makes the network's output an x0 estimate: it needs "
                 f"modality.process=gaussian and modality.diffusion.prediction=x0, not {cfg.process!r} and "
-                f"{cfg.diffusion.prediction!r}"
+                f"{cfg.diffusion.prediction!r} (or set modality.interpolate=false)"
             )
         self.sampling(cfg.clamp, cfg.clamp_from, cfg.decode)
 

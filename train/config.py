@@ -149,6 +149,9 @@ def load_run_config(path) -> DictConfig:
         saved.data = {**saved.get("data", {}), "path": saved.modality.path}
     if "path" in saved.get("modality", {}):
         del saved.modality["path"]
+    for key, value in MODALITIES[name].saved_before.items():  # runs saved before the key existed
+        if key not in saved.modality:
+            saved.modality[key] = value
     try:
         return OmegaConf.merge(schema, saved)
     except (ConfigKeyError, ValidationError) as e:

@@ -229,20 +229,39 @@ def test_a_checkpoint_alone_samples_and_evaluates(tmp_path, capsys):
     assert {"noclamp_argmax_real_word_share", "clamp_nearest_sample_unigram_entropy_bits"} <= metrics.keys()
 
 
-def test_score_interpolation_trains_and_samples_words(tmp_path):
-    modality, model, train_set = modality_and_model(tmp_path, interpolate=True)
+def test_the_default_x0_estimate_is_the_embeddings_mean_under_the_decoder(trained):
+    modality, model = trained[:2]
+    assert modality.cfg.interpolate  # score interpolation is the default
+    x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    x0_hat = modality.model_fn(model, seen)(x, torch.ones(2), {})
+    weights = seen["logits"].softmax(-1)
+    torch.testing.assert_close(x0_hat, weights @ model.table())  # the estimate is the embeddings' mean
+    assert (x0_hat.norm(dim=-1) <= math.sqrt(8) + 1e-4).all()  # ...so inside their hull, never beyond
+
+
+def test_regressed_x0_trains_and_samples_words(tmp_path):
+    modality, model, train_set = modality_and_model(tmp_path, interpolate=False)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     losses = fit(modality, model, train_set)
     assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
     x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
-    seen = {}
-    x0_hat = modality.model_fn(model.eval(), seen)(x, torch.ones(2), {})
-    weights = seen["logits"].softmax(-1)
-    torch.testing.assert_close(x0_hat, weights @ model.table())  # the estimate is the embeddings' mean
-    assert (x0_hat.norm(dim=-1) <= math.sqrt(8) + 1e-4).all()  # ...so inside their hull, never beyond
-    fresh = modality_and_model(tmp_path, interpolate=True)[1]
+    assert (modality.model_fn(model.eval())(x, torch.ones(2), {}) != 0).all()  # a free vector, no decoder
+    fresh = modality_and_model(tmp_path, interpolate=False)[1]
     fresh.load_state_dict(initial)
     known = modality.training_words()
     share = [real_word_share(sample(modality, m.eval(), 0, n=16, steps=20)[1], known) for m in (model, fresh)]
     share = [0.0 if math.isnan(s) else s for s in share]
     assert share[0] > share[1] + 0.15, share
+
+
+def test_runs_saved_before_score_interpolation_load_as_they_were_trained(tmp_path):
+    from tests.conftest import compose_cfg
+    from train.config import load_run_config
+
+    cfg = OmegaConf.to_container(compose_cfg(["modality=text_continuous"]))
+    OmegaConf.save(cfg, tmp_path / "today.yaml")
+    del cfg["modality"]["interpolate"]  # what a run saved before the key existed holds
+    OmegaConf.save(cfg, tmp_path / "older.yaml")
+    assert load_run_config(tmp_path / "today.yaml").modality.interpolate is True
+    assert load_run_config(tmp_path / "older.yaml").modality.interpolate is False
