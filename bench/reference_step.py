@@ -19,6 +19,7 @@ reference.
     python bench/reference_step.py --dit-repo /path/to/DiT                      # DiT-S/2 and DiT-B/2, 64 and 256 tokens
     python bench/reference_step.py --dit-repo ... --presets S --tokens 64 --rounds 5 --out bench/ref.md
     python bench/reference_step.py --dit-repo ... --precision bf16              # on a GPU
+    python bench/reference_step.py --dit-repo ... --plain      # also polydiff without rotary positions and QK-norm
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--plain", action="store_true", help="add polydiff without rotary positions and QK-norm")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     return p.parse_args(argv)
 
@@ -80,16 +82,18 @@ def latent_side(tokens: int) -> int:
 
 
 class Polydiff(torch.nn.Module):
-    """polydiff's DiT behind the image modality's own patching (its model_fn): (B, C, H, W) -> (B, C, H, W)."""
+    """polydiff's DiT behind the image modality's own patching (its model_fn): (B, C, H, W) -> (B, C, H, W).
+    plain: without the two features the references lack (sincos positions added to the tokens instead
+    of rotary ones, no QK-norm), to tell their cost from the implementation's."""
 
-    name = "polydiff"
-
-    def __init__(self, width, depth, heads, side, attention):
+    def __init__(self, width, depth, heads, side, attention, plain=False):
         super().__init__()
+        self.name = "polydiff, sincos, no QK-norm" if plain else "polydiff"
+        features = {"pos": "sincos", "qk_norm": False} if plain else {}
         cfg = OmegaConf.structured(ImageConfig(size=side, channels=CHANNELS, classes=[str(i) for i in range(CLASSES)]))
         self.image = Image(cfg, PATCH)
         kwargs = self.image.backbone_kwargs()  # in and out widths, 1000 classes
-        self.dit = DiT(hidden_size=width, depth=depth, num_heads=heads, attn_backend=attention, **kwargs)
+        self.dit = DiT(hidden_size=width, depth=depth, num_heads=heads, attn_backend=attention, **kwargs, **features)
         self.model_fn = self.image.model_fn(self.dit)
 
     def forward(self, x, t, y, drop=None):
@@ -173,6 +177,8 @@ def load_reference_models(repo: str | None):
 
 def contenders(args, width, depth, heads, side, reference_models):
     made = [Polydiff(width, depth, heads, side, args.attention)]
+    if args.plain:
+        made.append(Polydiff(width, depth, heads, side, args.attention, plain=True))
     if reference_models is not None:
         made.append(Reference(reference_models, width, depth, heads, side))
     made.append(Diffusers(width, depth, heads, side))
@@ -262,7 +268,7 @@ def main(argv=None) -> list[dict]:
             for kind in ("train", "sample"):
                 times = timed_rounds(works, kind, args, device)
                 stats = {name: summarise(t) for name, t in times.items()}
-                references = [s["median_ms"] for name, s in stats.items() if name != "polydiff"]
+                references = [s["median_ms"] for name, s in stats.items() if not name.startswith("polydiff")]
                 fastest = min(references) if references else None
                 for w in works:
                     name = w.model.name

@@ -29,14 +29,15 @@ class BackboneConfig:
     qk_norm: bool = True
     cond_dropout: float = 0.1
     layout: str = "full"  # full | factorized (alternate within-frame and across-frame attention)
+    lr: float = 1e-4  # the peak learning rate this size trains at; used while optim.lr is null
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float | None = None  # None: the backbone preset's lr (backbone.lr)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
-    warmup_steps: int = 500
+    warmup_steps: int = 100
     schedule: str = "constant"  # constant | cosine
     fused: bool = True
 

@@ -99,10 +99,40 @@ def test_impossible_shapes_are_named():
         check_shape(64, 4, "alibi")
 
 
+def rotate_pairs(x, angles):
+    """The rotary reference written as complex numbers: feature pair (i, i + Dh/2) is x_i + i x_(i+Dh/2),
+    multiplied by exp(i angle_i)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    z = torch.complex(x1, x2) * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def test_rope_rotates_feature_pairs_and_keeps_relative_positions():
+    from backbones.dit import apply_rope, grid_angles, rope_tables
+
+    torch.manual_seed(0)
+    pos = grid(3, 4)
+    angles = grid_angles(pos, 16)  # (12, 8)
+    x = torch.randn(2, 3, 12, 16)
+    rotated = apply_rope(x, *rope_tables(angles))
+    torch.testing.assert_close(rotated, rotate_pairs(x, angles))
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps lengths
+    stacked = apply_rope(torch.stack([x, 2 * x]), *rope_tables(angles))  # q and k in one call
+    torch.testing.assert_close(stacked[1], 2 * rotated)
+    # q.k after rotation depends only on the offset: the same vectors at (0, 0)-(1, 2) and (1, 1)-(2, 3)
+    q, k = torch.randn(16), torch.randn(16)
+    at = {tuple(p.tolist()): i for i, p in enumerate(pos)}
+    table = rope_tables(angles)
+    rq = apply_rope(q.expand(12, 16), *table)
+    rk = apply_rope(k.expand(12, 16), *table)
+    torch.testing.assert_close(rq[at[0, 0]] @ rk[at[1, 2]], rq[at[1, 1]] @ rk[at[2, 3]])
+    assert not torch.allclose(rq[at[0, 0]] @ rk[at[1, 2]], rq[at[0, 0]] @ rk[at[2, 3]])
+
+
 def test_factorized_attention_equals_masked_full_attention():
     """Within a frame, or across frames at one pixel: the same as full attention with a mask that
     allows exactly those pairs (the reference written with an explicit (N, N) mask)."""
-    from backbones.dit import SelfAttention, apply_rope, grid_angles
+    from backbones.dit import SelfAttention, grid_angles, rope_tables
 
     torch.manual_seed(0)
     attn = SelfAttention(32, num_heads=2, qk_norm=True, causal=False).eval()
@@ -110,12 +140,12 @@ def test_factorized_attention_equals_masked_full_attention():
     pos = grid(3, 2, 4)  # 3 frames of 2 x 4 tokens
     x = torch.randn(2, 24, 32)
     angles = grid_angles(pos, 16)
-    rope = (angles.cos(), angles.sin())
+    rope = rope_tables(angles)
     frame, pixel = pos[:, 0], pos[:, 1] * 4 + pos[:, 2]
     for kind, allowed in (("within", frame[:, None] == frame[None]), ("across", pixel[:, None] == pixel[None])):
         q, k, v = attn.qkv(x).reshape(2, 24, 3, 2, 16).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = rotate_pairs(q, angles), rotate_pairs(k, angles)
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         ref = attn.proj(ref.transpose(1, 2).reshape(2, 24, 32))
         torch.testing.assert_close(attn(x, rope, (kind, 3)), ref, atol=1e-5, rtol=1e-4)
@@ -145,3 +175,28 @@ def test_factorized_layout_rejects_what_it_cannot_split():
         model(torch.randn(1, 8, 6), grid(8), torch.zeros(1))
     with pytest.raises(ValueError, match=r"needs the full grid \[2, 4\] of tokens, got 6"):
         model(torch.randn(1, 6, 6), grid(2, 4)[:6], torch.zeros(1))
+
+
+def test_fused_norm_and_rope_match_the_composite_values_and_gradients():
+    """NormRope (QK-norm and rotation as one hand-written autograd node) against autograd through
+    F.rms_norm and apply_rope: outputs and the gradients of input and weight."""
+    from backbones.dit import NormRope, apply_rope, grid_angles, rope_tables
+
+    torch.manual_seed(0)
+    cos, sin = (t.double() for t in rope_tables(grid_angles(grid(3, 4), 16)))
+    x = torch.randn(2, 3, 12, 16, dtype=torch.float64)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # strided, as q is in attention
+    weight = (1 + 0.3 * torch.randn(16, dtype=torch.float64)).requires_grad_()
+    out = torch.randn(2, 3, 12, 16, dtype=torch.float64)
+
+    fused = NormRope.apply(x, weight, cos, sin, 1e-6)
+    composite = apply_rope(torch.nn.functional.rms_norm(x, (16,), weight, 1e-6), cos, sin)
+    torch.testing.assert_close(fused, composite)
+    g_fused = torch.autograd.grad((fused * out).sum(), (x, weight))
+    g_composite = torch.autograd.grad((composite * out).sum(), (x, weight))
+    for a, b in zip(g_fused, g_composite):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda x, w: NormRope.apply(x, w, cos, sin, 1e-6), (x, weight))
+    half = NormRope.apply(x.detach().bfloat16(), weight.detach().float(), cos.float(), sin.float(), 1e-6)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), composite.detach(), atol=0.05, rtol=0.02)

@@ -39,6 +39,15 @@ def test_contenders_have_the_same_shape():
     assert count(diff) - (depth - 1) * per_block == count(poly) - depth * 2 * (width // heads)
     x, t, y = torch.randn(2, 4, side, side), torch.rand(2), torch.tensor([1, 2])
     assert poly(x, t, y).shape == diff(x, t, y).shape == x.shape
+    plain = reference_step.Polydiff(width, depth, heads, side, "math", plain=True)  # no QK-norm scales
+    assert count(plain) == count(poly) - depth * 2 * (width // heads)
+    assert plain.dit.pos == "sincos" and plain.name == "polydiff, sincos, no QK-norm"
+
+
+def test_the_plain_polydiff_is_timed_but_is_no_reference(tmp_path):
+    rows = reference_step.main([*TINY, "--presets", "64x1x2", "--dit-repo", str(tmp_path), "--plain"])
+    assert [r["contender"] for r in rows[:3]] == ["polydiff", "polydiff, sincos, no QK-norm", "diffusers"]
+    assert [r["ratio"] for r in rows if r["contender"] == "diffusers"] == [1.0, 1.0]
 
 
 def test_bad_arguments_are_named():

@@ -77,3 +77,20 @@ def test_configs_hold_no_machine_paths():
         for name in files:
             text = Path(root, name).read_text()
             assert "/work/" not in text and "/home/" not in text and "../shared" not in text, name
+
+
+def test_the_learning_rate_follows_the_backbone_preset_unless_set():
+    import torch
+
+    from train.train import make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    for overrides, lr in (
+        (["backbone=dit_xs"], 1e-3),
+        (["backbone=dit_xl"], 1e-4),
+        (["backbone=dit_xs", "optim.lr=3e-4"], 3e-4),
+        (["backbone=dit_xl", "backbone.lr=2e-4"], 2e-4),
+    ):
+        optimizer, scheduler = make_optimizer(compose_cfg(overrides), model, torch.device("cpu"))
+        assert optimizer.param_groups[0]["initial_lr"] == lr, overrides
+        assert scheduler.get_last_lr()[0] == pytest.approx(lr / 100)  # step 0 of the 100-step warm-up

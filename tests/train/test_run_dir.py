@@ -132,6 +132,12 @@ def test_a_short_run_still_leaves_one_sample_grid(tiny_cfg, capsys):
     )
 
 
+def test_the_final_model_always_gets_a_grid(tiny_cfg):
+    """Grids at every sample.every steps and one of the final model, also off that rhythm."""
+    result = trainer.train(tiny_cfg("steps=3", "sample.every=2", "sample.n=2"))
+    assert sorted(p.name for p in (result.run_dir / "samples").iterdir()) == ["step_00000002.png", "step_00000003.png"]
+
+
 def test_sample_every_zero_draws_nothing_and_the_end_line_says_so(tiny_cfg, capsys):
     result = trainer.train(tiny_cfg("steps=2", "sample.every=0"))
     assert not (result.run_dir / "samples").exists()
