@@ -105,7 +105,7 @@ class NormRope(torch.autograd.Function):
         gm = torch.addcmul(swap_halves(gy * sin), gy, cos)  # the gradient at m = n * w
         gw = None
         if ctx.needs_input_grad[1]:
-            gw = (gm * n).flatten(0, -2).sum(0).to(weight_dtype)
+            gw = (gm * n).sum_to_size(w.shape).to(weight_dtype)
         gn = gm * w
         dot = (gn * n).mean(dim=-1, keepdim=True)
         gx = torch.addcmul(gn, n, dot, value=-1).mul_(r)
