@@ -57,6 +57,11 @@ def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x2, x1], dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate feature pairs (i, i + Dh/2) (half-split layout, as in GPT-NeoX): x1 cos - x2 sin and
     x2 cos + x1 sin, written as x * cos + swap_halves(x) * sin with rope_tables' full-width tables,
@@ -68,13 +73,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Returns:
         x rotated, in x's dtype (the products are fp32 under bf16 autocast).
     """
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin).to(x.dtype)
-
-
-def swap_halves(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x2, x1], dim=-1)
+    return torch.addcmul(x * cos, swap_halves(x), sin).to(x.dtype)
 
 
 class NormRope(torch.autograd.Function):
