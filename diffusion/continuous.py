@@ -25,7 +25,12 @@ class ContinuousProcess:
 
     Training draws t from `timesteps` on [t_min, 1): "uniform", or "logit_normal" (t = sigmoid(n),
     n ~ N(0, 1), Esser et al. 2024, Sec. 3.1), which spends the steps on the middle noise levels where
-    the target is hardest to predict. `weighting` multiplies each example's squared error:
+    the target is hardest to predict. `shift` s multiplies the noise level sigma = 1/sqrt(SNR) at every
+    time by s, in training and sampling alike: data with much redundancy (eight near-identical frames of
+    a clip, large frames) is still recognisable at noise levels that hide a small image, so a schedule
+    made for small images spends most of its time where the answer is already decided (Hoogeboom et al.
+    2023, "simple diffusion", Sec. 3.1, shift the log-SNR by 2 log s; Esser et al. 2024, Sec. 5.3.2).
+    `weighting` multiplies each example's squared error:
     "none", or "min_snr" (Hang et al. 2023): the error measured on x0 weighted by min(SNR(t), gamma),
     i.e. the weight min(SNR, gamma) * (d x0_hat / d output)^2 on the network's own target. It stops the
     many easy low-noise examples from dominating the gradient.
@@ -37,14 +42,21 @@ class ContinuousProcess:
     TIMESTEPS = ("uniform", "logit_normal")
     WEIGHTINGS = ("none", "min_snr")
 
-    def __init__(self, timesteps: str = "uniform", weighting: str = "none", snr_gamma: float = 5.0):
+    def __init__(self, timesteps: str = "uniform", weighting: str = "none", snr_gamma: float = 5.0, shift: float = 1.0):
+        if not shift > 0:
+            raise ValueError(f"diffusion.shift={shift} must be positive (1: the schedule as written)")
         if timesteps not in self.TIMESTEPS:
             raise ValueError(f"diffusion.timesteps={timesteps!r}; choose one of {self.TIMESTEPS}")
         if weighting not in self.WEIGHTINGS:
             raise ValueError(f"diffusion.weighting={weighting!r}; choose one of {self.WEIGHTINGS}")
         if not snr_gamma > 0:
             raise ValueError(f"diffusion.snr_gamma={snr_gamma} must be positive (Hang et al. use 5)")
-        self.timesteps, self.weighting, self.snr_gamma = timesteps, weighting, float(snr_gamma)
+        self.timesteps, self.weighting, self.snr_gamma, self.shift = (
+            timesteps,
+            weighting,
+            float(snr_gamma),
+            float(shift),
+        )
 
     def draw_t(self, n: int, generator=None, device="cpu") -> torch.Tensor:
         """n training times on [t_min, 1) from the `timesteps` density."""
@@ -189,6 +201,8 @@ class GaussianVP(ContinuousProcess):
             where the cosine schedule leaves discrete data such as word embeddings trivially easy).
         prediction: what the network predicts: "eps", "v" (Salimans & Ho 2022) or "x0".
         timesteps, weighting, snr_gamma: the training density and weighting (ContinuousProcess).
+        shift: sigma times shift at every t (ContinuousProcess), i.e. SNR / shift^2, folded into
+            alpha_bar so that training, sampling and the bound all see the shifted schedule.
     """
 
     SCHEDULES = ("linear", "cosine", "sqrt")
@@ -203,8 +217,9 @@ class GaussianVP(ContinuousProcess):
         timesteps: str = "uniform",
         weighting: str = "none",
         snr_gamma: float = 5.0,
+        shift: float = 1.0,
     ):
-        super().__init__(timesteps, weighting, snr_gamma)
+        super().__init__(timesteps, weighting, snr_gamma, shift)
         if schedule not in self.SCHEDULES:
             raise ValueError(f"diffusion.schedule={schedule!r} for gaussian; choose one of {self.SCHEDULES}")
         if prediction not in self.PREDICTIONS:
@@ -228,9 +243,12 @@ class GaussianVP(ContinuousProcess):
         else:
             f = lambda u: torch.cos((u + self.cosine_s) / (1 + self.cosine_s) * math.pi / 2) ** 2
             ab = f(t) / f(torch.zeros_like(t))
+        if self.shift != 1:  # SNR / shift^2: ab / (1 - ab) divided by shift^2, solved for ab
+            ab = ab / (ab + self.shift**2 * (1 - ab))
         return ab.clamp(min=self.min_alpha_bar)
 
     def t_of_alpha_bar(self, ab: float) -> float:
+        ab = ab * self.shift**2 / (1 - ab + self.shift**2 * ab)  # undo the shift (alpha_bar's last step)
         if self.schedule == "linear":  # solve 0.5 (b1 - b0) t^2 + b0 t + log(ab) = 0
             db = self.beta1 - self.beta0
             return (-self.beta0 + math.sqrt(self.beta0**2 - 2 * db * math.log(ab))) / db
@@ -320,13 +338,28 @@ class RectifiedFlow(ContinuousProcess):
     Args:
         timesteps, weighting, snr_gamma: the training density and weighting (ContinuousProcess);
             here the density defaults to "logit_normal" (Esser et al. 2024, SD3, m=0, s=1).
+        shift: sigma times shift (ContinuousProcess). The path x_t stays as written; the times drawn
+            in training and the sampler's times move to t' = shift t / (1 + (shift - 1) t), whose
+            sigma = t' / (1 - t') is shift times t's (SD3's timestep shift, Esser et al. 2024, Eq. 23).
     """
 
     t_max = 0.999  # sigma = t / (1 - t) is infinite at t = 1
     t_min = 0.0
 
-    def __init__(self, timesteps: str = "logit_normal", weighting: str = "none", snr_gamma: float = 5.0):
-        super().__init__(timesteps, weighting, snr_gamma)
+    def __init__(
+        self, timesteps: str = "logit_normal", weighting: str = "none", snr_gamma: float = 5.0, shift: float = 1.0
+    ):
+        super().__init__(timesteps, weighting, snr_gamma, shift)
+
+    def shifted(self, t):
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def draw_t(self, n: int, generator=None, device="cpu") -> torch.Tensor:
+        return self.shifted(super().draw_t(n, generator, device))
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """Uniform in the unshifted time from t_max down to 0, then shifted (SD3's sampling schedule)."""
+        return self.sigma_of_t(self.shifted(torch.linspace(self.t_max, 0, steps + 1, dtype=torch.float64)))
 
     def sigma_of_t(self, t):
         return t / (1 - t)

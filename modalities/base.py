@@ -20,6 +20,7 @@ class DiffusionConfig:
     timesteps: str | None = None  # gaussian, flow: uniform | logit_normal; null: the process's own (flow: logit_normal)
     weighting: str = "none"  # gaussian, flow: none | min_snr (Hang et al. 2023)
     snr_gamma: float = 5.0  # weighting=min_snr: the SNR cap gamma
+    shift: float = 1.0  # gaussian, flow: every noise level sigma times this; > 1 for redundant data (video)
 
 
 @dataclass

@@ -13,6 +13,8 @@ MU, SD = 0.5, 0.3
 # there and narrower than the data: it is checked by the loss and schedule tests, not by distribution recovery.
 CONTINUOUS = [("gaussian", {"schedule": s, "prediction": p}) for s in ("linear", "cosine") for p in ("eps", "v", "x0")]
 CONTINUOUS += [("flow", {"timesteps": "uniform"})]
+# a shifted schedule must still take every sampler to the data
+CONTINUOUS += [("gaussian", {"schedule": "cosine", "prediction": "v", "shift": 3.0}), ("flow", {"shift": 3.0})]
 SQRT = [("gaussian", {"schedule": "sqrt", "prediction": p}) for p in ("eps", "v", "x0")]
 
 
@@ -157,13 +159,43 @@ def test_bad_density_options_are_refused_by_name():
         build_process("gaussian", {"weighting": "min_snr", "snr_gamma": 0})
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "sqrt"])
-def test_every_schedule_maps_sigma_back_to_its_time(schedule):
+def test_every_schedule_maps_sigma_back_to_its_time(schedule, shift):
     """native(sigma) must find the t whose sigma it is, or samplers run at the wrong noise levels."""
-    process = build_process("gaussian", {"schedule": schedule})
+    process = build_process("gaussian", {"schedule": schedule, "shift": shift})
     for t in (0.001, 0.05, 0.3, 0.7, 0.95):
         sigma = process.sigma_of_t(torch.tensor(t, dtype=torch.float64)).item()
         assert process.native(sigma)[0] == pytest.approx(t, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "sqrt"])
+def test_shift_multiplies_every_noise_level(schedule):
+    base = build_process("gaussian", {"schedule": schedule})
+    shifted = build_process("gaussian", {"schedule": schedule, "shift": 3.0})
+    t = torch.tensor([0.001, 0.1, 0.5, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(shifted.sigma_of_t(t), 3 * base.sigma_of_t(t))
+    # the training loss weights follow: min-SNR caps SNR / 9 instead of SNR
+    snr = lambda p: p.sigma_of_t(t).pow(-2)
+    torch.testing.assert_close(snr(shifted), snr(base) / 9)
+
+
+def test_shift_moves_flow_times_towards_noise_in_training_and_sampling():
+    base, shifted = (
+        build_process("flow", {"timesteps": "uniform"}),
+        build_process("flow", {"timesteps": "uniform", "shift": 3.0}),
+    )
+    t = shifted.draw_t(20000, torch.Generator().manual_seed(0))
+    # t' = 3 t / (1 + 2 t) with t uniform: P(t' < 0.75) = P(t < 0.5) = 0.5
+    assert (t < 0.75).float().mean().item() == pytest.approx(0.5, abs=0.015)
+    torch.testing.assert_close(shifted.sigmas(10), 3 * base.sigmas(10))
+    assert build_process("flow", {}).sigmas(10).equal(build_process("flow", {"shift": 1.0}).sigmas(10))
+
+
+def test_a_shift_that_is_not_positive_is_refused_by_name():
+    for name in ("gaussian", "flow"):
+        with pytest.raises(ValueError, match="diffusion.shift=0"):
+            build_process(name, {"shift": 0})
 
 
 def test_sqrt_schedule_adds_noise_faster_than_cosine_early_on():
