@@ -4,8 +4,8 @@ Trains nothing: each checkpoint goes through infer/evaluate.py with the same hel
 count, steps, seed and scoring reference, and one Markdown table comes out: the held-out bound in bits
 per character, the real-word share of the samples, their generative perplexity under --reference and
 their unigram entropy. A continuous-text model gets four rows, with and without the clamping trick and
-decoded by its rounding decoder (argmax) or by the nearest embedding, plus the share of tokens on which
-those two decodings differ.
+decoded by its rounding decoder (argmax) or by the nearest embedding (a clamped row clamps to the token
+its decoding reads), plus the share of tokens on which those two decodings differ.
 
     python bench/text_compare.py --ckpts continuous=runs/ct/checkpoints/last masked=runs/m/checkpoints/last \
         ar=runs/ar/checkpoints/last --reference runs/ar/checkpoints/last --heldout heldout.txt \

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from diffusion import build_process
 from modalities.base import DiffusionConfig
-from modalities.text_continuous import TextContinuous, TextContinuousConfig
+from modalities.text_continuous import DECODES, TextContinuous, TextContinuousConfig
 from modalities.text_metrics import real_word_share
 
 ANIMALS, MANNERS, PLACES = ("cat", "dog", "bird"), ("quietly", "happily"), ("mat", "log")
@@ -82,16 +82,24 @@ def test_the_norm_guard_holds_while_the_embeddings_learn(trained):
     torch.testing.assert_close(norms, torch.full_like(norms, math.sqrt(8)))  # ...what is diffused does not
 
 
-def test_clamping_returns_exact_embeddings_from_its_share_of_the_steps(trained):
+def test_clamping_snaps_to_the_token_the_decoding_reads_from_its_share_of_the_steps(trained):
     modality, model = trained[:2]
     x = torch.randn(3, modality.cfg.seq_len, 8, generator=torch.Generator().manual_seed(0))
-    hook = modality.sample_options(model, clamp=True, clamp_from=0.5)["x0_hook"]
-    assert torch.equal(hook(x, 0.2), x)  # before clamp_from: untouched
-    clamped = hook(x, 0.5)
+    x0_hat = modality.model_fn(model)(x, torch.full((3,), 0.7), {})  # leaves its logits for the argmax clamp
+    logits = modality.last_call["logits"]
     table = model.table().detach()
-    assert torch.equal(clamped, table[model.nearest(x)])
-    assert (clamped[..., None, :] == table).all(-1).any(-1).all()  # every vector is a row of the table
+    hooks = {how: modality.sample_options(model, clamp=True, clamp_from=0.5, decode=how)["x0_hook"] for how in DECODES}
+    assert torch.equal(hooks["argmax"](x0_hat, 0.2), x0_hat)  # before clamp_from: untouched
+    by_argmax, by_nearest = hooks["argmax"](x0_hat, 0.5), hooks["nearest"](x0_hat, 0.5)
+    assert torch.equal(by_argmax, table[logits.argmax(-1)])  # the decoder's likeliest token
+    assert torch.equal(by_nearest, table[model.nearest(x0_hat)])  # Diffusion-LM's nearest embedding
+    assert not torch.equal(by_argmax, by_nearest)  # a mean of embeddings is nearest to other tokens
+    for clamped in (by_argmax, by_nearest):
+        assert (clamped[..., None, :] == table).all(-1).any(-1).all()  # every vector is a row of the table
     assert modality.sample_options(model, clamp=False) == {}
+    modality.last_call.clear()
+    with pytest.raises(RuntimeError, match="logits of this model_fn call"):
+        hooks["argmax"](x0_hat, 0.5)
 
 
 def sample(modality, model, seed, n=2, steps=10, **request):
@@ -249,6 +257,8 @@ def test_regressed_x0_trains_and_samples_words(tmp_path):
     t = torch.ones(2)
     raw = modality.from_tokens(model.eval().dit(*modality.to_tokens(x), t), x.shape)
     assert torch.equal(modality.model_fn(model)(x, t, {}), raw)  # the DiT's own vector, not interpolated
+    hook = modality.sample_options(model, clamp=True, decode="argmax")["x0_hook"]
+    assert torch.equal(hook(raw, 0.0), model.table()[model.logits(raw).argmax(-1)])  # its decoder's likeliest token
     fresh = modality_and_model(tmp_path, interpolate=False)[1]
     fresh.load_state_dict(initial)
     known = modality.training_words()
