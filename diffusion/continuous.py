@@ -51,12 +51,8 @@ class ContinuousProcess:
             raise ValueError(f"diffusion.weighting={weighting!r}; choose one of {self.WEIGHTINGS}")
         if not snr_gamma > 0:
             raise ValueError(f"diffusion.snr_gamma={snr_gamma} must be positive (Hang et al. use 5)")
-        self.timesteps, self.weighting, self.snr_gamma, self.shift = (
-            timesteps,
-            weighting,
-            float(snr_gamma),
-            float(shift),
-        )
+        self.timesteps, self.weighting = timesteps, weighting
+        self.snr_gamma, self.shift = float(snr_gamma), float(shift)
 
     def draw_t(self, n: int, generator=None, device="cpu") -> torch.Tensor:
         """n training times on [t_min, 1) from the `timesteps` density."""
