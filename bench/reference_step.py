@@ -4,7 +4,7 @@ implementations, at identical shapes, on one machine in one run.
 Contenders (each built at the same width, depth, heads, patch, latent size and 1000 classes):
 
 - polydiff: backbones/dit.py, with the image modality's patching (einops) and its defaults
-  (rotary positions, QK-norm, `--attention` backend);
+  (sincos positions added to the tokens, QK-norm, `--attention` backend);
 - facebookresearch/DiT: `models.py` of a local checkout given as `--dit-repo` (loaded at run time,
   never vendored; it imports timm), built with learn_sigma=False so that all three predict 4 channels;
 - diffusers: `DiTTransformer2DModel` (ada_norm_zero), built from its config, no weights downloaded.
@@ -19,7 +19,7 @@ reference.
     python bench/reference_step.py --dit-repo /path/to/DiT                      # DiT-S/2 and DiT-B/2, 64 and 256 tokens
     python bench/reference_step.py --dit-repo ... --presets S --tokens 64 --rounds 5 --out bench/ref.md
     python bench/reference_step.py --dit-repo ... --precision bf16              # on a GPU
-    python bench/reference_step.py --dit-repo ... --plain      # also polydiff without rotary positions and QK-norm
+    python bench/reference_step.py --dit-repo ... --plain --rope  # also without QK-norm; with rotary positions
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--plain", action="store_true", help="add polydiff without rotary positions and QK-norm")
+    p.add_argument("--plain", action="store_true", help="add polydiff without QK-norm (what the references lack)")
+    p.add_argument("--rope", action="store_true", help="add polydiff with rotary positions (other modalities' default)")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     return p.parse_args(argv)
 
@@ -82,18 +83,29 @@ def latent_side(tokens: int) -> int:
 
 
 class Polydiff(torch.nn.Module):
-    """polydiff's DiT behind the image modality's own patching (its model_fn): (B, C, H, W) -> (B, C, H, W).
-    plain: without the two features the references lack (sincos positions added to the tokens instead
-    of rotary ones, no QK-norm), to tell their cost from the implementation's."""
+    """polydiff's DiT behind the image modality's own patching (its model_fn): (B, C, H, W) -> (B, C, H, W),
+    with the image modality's positions (sincos) and QK-norm. variant "plain": without QK-norm, which
+    the references lack, to tell its cost from the implementation's; "rope": rotary positions, the
+    default of the other modalities."""
 
-    def __init__(self, width, depth, heads, side, attention, plain=False):
+    NAMES = {None: "polydiff", "plain": "polydiff, no QK-norm", "rope": "polydiff, rotary positions"}
+
+    def __init__(self, width, depth, heads, side, attention, variant=None):
         super().__init__()
-        self.name = "polydiff, sincos, no QK-norm" if plain else "polydiff"
-        features = {"pos": "sincos", "qk_norm": False} if plain else {}
+        self.name = self.NAMES[variant]
         cfg = OmegaConf.structured(ImageConfig(size=side, channels=CHANNELS, classes=[str(i) for i in range(CLASSES)]))
         self.image = Image(cfg, PATCH)
+        pos = "rope" if variant == "rope" else self.image.positions
         kwargs = self.image.backbone_kwargs()  # in and out widths, 1000 classes
-        self.dit = DiT(hidden_size=width, depth=depth, num_heads=heads, attn_backend=attention, **kwargs, **features)
+        self.dit = DiT(
+            hidden_size=width,
+            depth=depth,
+            num_heads=heads,
+            attn_backend=attention,
+            pos=pos,
+            qk_norm=variant != "plain",
+            **kwargs,
+        )
         self.model_fn = self.image.model_fn(self.dit)
 
     def forward(self, x, t, y, drop=None):
@@ -177,8 +189,7 @@ def load_reference_models(repo: str | None):
 
 def contenders(args, width, depth, heads, side, reference_models):
     made = [Polydiff(width, depth, heads, side, args.attention)]
-    if args.plain:
-        made.append(Polydiff(width, depth, heads, side, args.attention, plain=True))
+    made += [Polydiff(width, depth, heads, side, args.attention, v) for v in ("plain", "rope") if getattr(args, v)]
     if reference_models is not None:
         made.append(Reference(reference_models, width, depth, heads, side))
     made.append(Diffusers(width, depth, heads, side))

@@ -74,6 +74,7 @@ def caption_rows(path: Path, captions: list[str], pitch: int) -> None:
 class Image(Modality):
     Config = ImageConfig
     grid_axes = 2
+    positions = "sincos"  # objects at set places: absolute positions learn them faster (Modality.positions)
     requests = ("label", "prompt")  # narrowed per model in __init__
     SPACES = ("pixel", "latent")
     CONDITIONS = ("label", "caption", "both")

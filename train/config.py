@@ -25,7 +25,7 @@ class BackboneConfig:
     num_heads: int = MISSING
     patch: int = 2
     mlp_ratio: float = 4.0
-    pos: str = "rope"  # rope | sincos
+    pos: str | None = None  # rope | sincos | None: the modality's choice (Modality.positions)
     qk_norm: bool = True
     cond_dropout: float = 0.1
     layout: str = "full"  # full | factorized (alternate within-frame and across-frame attention)

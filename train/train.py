@@ -190,8 +190,9 @@ class TrainResult:
 def train(cfg) -> TrainResult:
     """Run (or resume) the training that `cfg` describes, in a run folder locked while it runs."""
     validate(cfg)
-    check_shape(cfg.backbone.hidden_size, cfg.backbone.num_heads, cfg.backbone.pos)
     modality = build_modality(cfg.modality, cfg.backbone.patch, cfg.data)
+    cfg.backbone.pos = modality.backbone_pos(cfg.backbone)  # recorded in config.yaml, as the model was built
+    check_shape(cfg.backbone.hidden_size, cfg.backbone.num_heads, cfg.backbone.pos)
     modality.check(cfg.backbone)
 
     accelerator = make_accelerator(cfg)

@@ -39,14 +39,18 @@ def test_contenders_have_the_same_shape():
     assert count(diff) - (depth - 1) * per_block == count(poly) - depth * 2 * (width // heads)
     x, t, y = torch.randn(2, 4, side, side), torch.rand(2), torch.tensor([1, 2])
     assert poly(x, t, y).shape == diff(x, t, y).shape == x.shape
-    plain = reference_step.Polydiff(width, depth, heads, side, "math", plain=True)  # no QK-norm scales
+    assert poly.dit.pos == "sincos"  # the image modality's positions, like the references'
+    plain = reference_step.Polydiff(width, depth, heads, side, "math", "plain")  # no QK-norm scales
     assert count(plain) == count(poly) - depth * 2 * (width // heads)
-    assert plain.dit.pos == "sincos" and plain.name == "polydiff, sincos, no QK-norm"
+    assert plain.dit.pos == "sincos" and plain.name == "polydiff, no QK-norm"
+    rope = reference_step.Polydiff(width, depth, heads, side, "math", "rope")
+    assert rope.dit.pos == "rope" and rope.name == "polydiff, rotary positions"
 
 
-def test_the_plain_polydiff_is_timed_but_is_no_reference(tmp_path):
-    rows = reference_step.main([*TINY, "--presets", "64x1x2", "--dit-repo", str(tmp_path), "--plain"])
-    assert [r["contender"] for r in rows[:3]] == ["polydiff", "polydiff, sincos, no QK-norm", "diffusers"]
+def test_the_polydiff_variants_are_timed_but_are_no_reference(tmp_path):
+    rows = reference_step.main([*TINY, "--presets", "64x1x2", "--dit-repo", str(tmp_path), "--plain", "--rope"])
+    names = ["polydiff", "polydiff, no QK-norm", "polydiff, rotary positions", "diffusers"]
+    assert [r["contender"] for r in rows[:4]] == names
     assert [r["ratio"] for r in rows if r["contender"] == "diffusers"] == [1.0, 1.0]
 
 

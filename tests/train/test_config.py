@@ -94,3 +94,22 @@ def test_the_learning_rate_follows_the_backbone_preset_unless_set():
         optimizer, scheduler = make_optimizer(compose_cfg(overrides), model, torch.device("cpu"))
         assert optimizer.param_groups[0]["initial_lr"] == lr, overrides
         assert scheduler.get_last_lr()[0] == pytest.approx(lr / 100)  # step 0 of the 100-step warm-up
+
+
+def test_positions_follow_the_modality_unless_set(tiny_cfg, text_run):
+    """backbone.pos=null (every preset) means the modality's choice: absolute sincos positions for
+    images, rotary ones for the rest; the run's config.yaml records what the model was built with,
+    and the checkpoint loads back with it."""
+    from omegaconf import OmegaConf
+
+    from train.checkpoint import load_model
+    from train.train import train
+
+    image = train(tiny_cfg("steps=2", "sample.every=0"))
+    text = text_run("steps=2", "sample.every=0")
+    pinned = train(tiny_cfg("steps=2", "sample.every=0", "backbone.pos=rope", "name=pinned"))
+    for result, pos in ((image, "sincos"), (text, "rope"), (pinned, "rope")):
+        assert result.model.pos == pos
+        assert OmegaConf.load(result.run_dir / "config.yaml").backbone.pos == pos
+        assert load_model(result.run_dir / "checkpoints" / "last")[2].pos == pos
+    assert compose_cfg(["backbone=dit_s"]).backbone.pos is None
