@@ -149,6 +149,21 @@ def resume_state(accelerator, resume: str | None, run_dir: Path) -> Path | None:
     return None
 
 
+# Backbone keys that shape the model a checkpoint holds. `pos` has no weights of its own, so a
+# resumed run built with other positions would load its checkpoint without complaint.
+ARCHITECTURE = ("depth", "hidden_size", "num_heads", "patch", "mlp_ratio", "pos", "qk_norm", "layout")
+
+
+def check_resumed_architecture(cfg, ckpt: Path):
+    """Refuse to continue checkpoint `ckpt` with a backbone other than the one it was trained with
+    (e.g. an image run from before sincos became the image default, resumed with pos left null)."""
+    saved = load_run_config(Path(ckpt) / "config.yaml").backbone
+    ours = cfg.backbone
+    differ = [f"backbone.{k}={saved[k]} (this run: {ours[k]})" for k in ARCHITECTURE if saved[k] != ours[k]]
+    if differ:
+        raise ValueError(f"resume: {ckpt} was trained with {', '.join(differ)}; give its values to continue it")
+
+
 def load_weights(model: torch.nn.Module, path: Path):
     """Load safetensors weights into `model`, naming the file and every mismatch."""
     path = Path(path)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from backbones.dit import check_shape
 from modalities import build_modality
 from modalities.data import BadDataTracker, Tolerant, collate
-from train.checkpoint import build_model, resume_state, save_checkpoint
+from train.checkpoint import build_model, check_resumed_architecture, resume_state, save_checkpoint
 from train.config import CONFIG_DIR, register_schemas, validate
 from train.ema import update_ema
 from train.health import finite_weights, warn_if_degenerate
@@ -232,6 +232,7 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     ckpt_root = run_dir / "checkpoints"
     last_good = resume_state(accelerator, cfg.resume, run_dir)  # the newest checkpoint of a healthy run
     if last_good is not None:
+        check_resumed_architecture(cfg, last_good)
         accelerator.print(f"resumed from {last_good} at step {state.step}")
     if accelerator.is_main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

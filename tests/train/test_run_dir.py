@@ -102,6 +102,16 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(tiny_cfg):
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged)
 
 
+def test_resuming_with_other_positions_is_refused_naming_them(tiny_cfg):
+    """Positions have no weights: without this check an image run trained with rotary positions
+    (the default until sincos became the image default) would resume as a sincos model."""
+    trainer.train(tiny_cfg("steps=2", "save_every=2", "sample.every=0", "backbone.pos=rope"))
+    with pytest.raises(ValueError, match=r"was trained with backbone\.pos=rope \(this run: sincos\)"):
+        trainer.train(tiny_cfg("steps=4", "sample.every=0", "resume=auto"))
+    resumed = trainer.train(tiny_cfg("steps=4", "sample.every=0", "resume=auto", "backbone.pos=rope"))
+    assert [s for s, _ in resumed.losses][-1] == 4 and resumed.model.pos == "rope"
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_cfg, tmp_path, capsys):
     first = trainer.train(tiny_cfg("steps=4", "save_every=2"))
     newest = first.run_dir / "checkpoints" / "step_00000004" / "state" / "model.safetensors"
