@@ -81,8 +81,9 @@ class NormRope(torch.autograd.Function):
     autograd node. Written by hand because autograd's composite of the two (pow, mean, rsqrt and
     three products, then the rotation) runs about 18 passes over q forward and 36 backward, and at
     256 tokens those passes cost more than 10% of a training step on a CPU; this forward runs 6
-    and the backward 10. Computes in fp32 (or fp64), returns x's dtype. Checked against the composite in
-    tests/backbones/test_dit.py."""
+    and the backward 10. cos and sin None: QK-norm alone (for sincos positions), where torch's
+    rms_norm on the strided q and k costs as much again. Computes in fp32 (or fp64), returns x's
+    dtype. Checked against the composite in tests/backbones/test_dit.py."""
 
     @staticmethod
     def forward(ctx, x, weight, cos, sin, eps):
@@ -91,7 +92,7 @@ class NormRope(torch.autograd.Function):
         r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_() / x.shape[-1] + eps)  # (..., N, 1)
         n = xf * r
         w = weight.to(wide)
-        y = torch.addcmul(n * (w * cos), swap_halves(n), swap_halves(w) * sin)
+        y = n * w if cos is None else torch.addcmul(n * (w * cos), swap_halves(n), swap_halves(w) * sin)
         ctx.save_for_backward(n, r, w, cos, sin)
         ctx.dtypes = x.dtype, weight.dtype
         return y.to(x.dtype)
@@ -101,7 +102,7 @@ class NormRope(torch.autograd.Function):
         n, r, w, cos, sin = ctx.saved_tensors
         x_dtype, weight_dtype = ctx.dtypes
         gy = gy.to(n.dtype)
-        gm = torch.addcmul(swap_halves(gy * sin), gy, cos)  # the gradient at m = n * w
+        gm = gy if cos is None else torch.addcmul(swap_halves(gy * sin), gy, cos)  # the gradient at m = n * w
         gw = None
         if ctx.needs_input_grad[1]:
             gw = (gm * n).sum_to_size(w.shape).to(weight_dtype)
@@ -150,13 +151,11 @@ class SelfAttention(nn.Module):
         across slices at one position of the other axes (one pixel through time)."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
         # positions are rotated in the full grid, before any regrouping
-        if rope is not None and isinstance(self.q_norm, RMSNorm):  # norm and rotation in one node
-            q = NormRope.apply(q, self.q_norm.weight, *rope, self.q_norm.eps)
-            k = NormRope.apply(k, self.k_norm.weight, *rope, self.k_norm.eps)
+        if isinstance(self.q_norm, RMSNorm):  # norm (and rotation) in one node
+            q = NormRope.apply(q, self.q_norm.weight, *(rope or (None, None)), self.q_norm.eps)
+            k = NormRope.apply(k, self.k_norm.weight, *(rope or (None, None)), self.k_norm.eps)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        else:
-            q, k = self.q_norm(q), self.k_norm(k)
         if groups is None:
             out = attention(q, k, v, backend=self.backend, causal=self.causal)  # (B, H, N, Dh)
             return self.proj(rearrange(out, "b h n d -> b n (h d)"))

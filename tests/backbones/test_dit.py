@@ -177,6 +177,14 @@ def test_factorized_layout_rejects_what_it_cannot_split():
         model(torch.randn(1, 6, 6), grid(2, 4)[:6], torch.zeros(1))
 
 
+def assert_same_values_and_gradients(fused, composite, out, inputs):
+    torch.testing.assert_close(fused, composite)
+    g_fused = torch.autograd.grad((fused * out).sum(), inputs)
+    g_composite = torch.autograd.grad((composite * out).sum(), inputs)
+    for a, b in zip(g_fused, g_composite):
+        torch.testing.assert_close(a, b)
+
+
 def test_fused_norm_and_rope_match_the_composite_values_and_gradients():
     """NormRope (QK-norm and rotation as one hand-written autograd node) against autograd through
     F.rms_norm and apply_rope: outputs and the gradients of input and weight."""
@@ -191,12 +199,24 @@ def test_fused_norm_and_rope_match_the_composite_values_and_gradients():
 
     fused = NormRope.apply(x, weight, cos, sin, 1e-6)
     composite = apply_rope(torch.nn.functional.rms_norm(x, (16,), weight, 1e-6), cos, sin)
-    torch.testing.assert_close(fused, composite)
-    g_fused = torch.autograd.grad((fused * out).sum(), (x, weight))
-    g_composite = torch.autograd.grad((composite * out).sum(), (x, weight))
-    for a, b in zip(g_fused, g_composite):
-        torch.testing.assert_close(a, b)
+    assert_same_values_and_gradients(fused, composite, out, (x, weight))
     assert torch.autograd.gradcheck(lambda x, w: NormRope.apply(x, w, cos, sin, 1e-6), (x, weight))
     half = NormRope.apply(x.detach().bfloat16(), weight.detach().float(), cos.float(), sin.float(), 1e-6)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.double(), composite.detach(), atol=0.05, rtol=0.02)
+
+
+def test_fused_norm_without_rotation_matches_rms_norm():
+    """NormRope with no rotation tables (QK-norm under sincos positions) is torch's rms_norm with
+    the weight, in value and in the gradients of input and weight."""
+    from backbones.dit import NormRope
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 16, dtype=torch.float64)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    weight = (1 + 0.3 * torch.randn(16, dtype=torch.float64)).requires_grad_()
+    out = torch.randn(2, 3, 12, 16, dtype=torch.float64)
+    fused = NormRope.apply(x, weight, None, None, 1e-6)
+    composite = torch.nn.functional.rms_norm(x, (16,), weight, 1e-6)
+    assert_same_values_and_gradients(fused, composite, out, (x, weight))
+    assert torch.autograd.gradcheck(lambda x, w: NormRope.apply(x, w, None, None, 1e-6), (x, weight))
