@@ -18,7 +18,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
@@ -113,11 +112,12 @@ class NormRope(torch.autograd.Function):
 
 
 class RMSNorm(nn.RMSNorm):
-    """RMSNorm in the input's dtype. Under bf16 autocast q and k are bf16 while the weight stays fp32,
-    and torch then falls back from its fused kernel to a slower composite one."""
+    """QK-norm over the last axis, then the rotation where `rope` tables are given, as one NormRope
+    node (computed in fp32, returned in the input's dtype, so bf16 q and k under autocast need no
+    cast of the fp32 weight)."""
 
-    def forward(self, x):
-        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+    def forward(self, x, rope=None):
+        return NormRope.apply(x, self.weight, *(rope or (None, None)), self.eps)
 
 
 class TimestepEmbedder(nn.Module):
@@ -151,9 +151,8 @@ class SelfAttention(nn.Module):
         across slices at one position of the other axes (one pixel through time)."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads).unbind(0)
         # positions are rotated in the full grid, before any regrouping
-        if isinstance(self.q_norm, RMSNorm):  # norm (and rotation) in one node
-            q = NormRope.apply(q, self.q_norm.weight, *(rope or (None, None)), self.q_norm.eps)
-            k = NormRope.apply(k, self.k_norm.weight, *(rope or (None, None)), self.k_norm.eps)
+        if isinstance(self.q_norm, RMSNorm):  # norm and rotation in one node
+            q, k = self.q_norm(q, rope), self.k_norm(k, rope)
         elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if groups is None:
