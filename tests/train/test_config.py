@@ -87,6 +87,7 @@ def test_the_learning_rate_follows_the_backbone_preset_unless_set():
     model = torch.nn.Linear(2, 2)
     for overrides, lr in (
         (["backbone=dit_xs"], 1e-3),
+        (["backbone=dit_cpu"], 2e-3),
         (["backbone=dit_xl"], 1e-4),
         (["backbone=dit_xs", "optim.lr=3e-4"], 3e-4),
         (["backbone=dit_xl", "backbone.lr=2e-4"], 2e-4),
