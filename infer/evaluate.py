@@ -38,8 +38,15 @@ class EvalArgs:
     mc_timesteps: int = 32  # Monte-Carlo timesteps per sequence for likelihood bounds (text)
     reference: str | None = None  # text: an autoregressive checkpoint that scores samples (generative perplexity)
     device: str = "auto"
-    out: str | None = None  # JSON path (default: <ckpt>/eval-<sampler>-<steps>.json)
+    out: str | None = None  # JSON path (default: <ckpt>/eval-<sampler>-<steps>-g<guidance>-n<n>-seed<seed>.json)
     data: EvalData = field(default_factory=EvalData)
+
+
+def default_out(args) -> Path:
+    """<ckpt>/eval-<sampler>-<steps>-g<guidance>-n<n>-seed<seed>.json: every setting that changes the
+    figures is in the name, so evaluations of one checkpoint under other settings keep their own files."""
+    name = f"eval-{args.sampler}-{args.steps}-g{float(args.guidance):g}-n{args.n}-seed{args.seed}.json"
+    return Path(args.ckpt) / name
 
 
 def evaluate(args) -> dict:
@@ -62,7 +69,7 @@ def evaluate(args) -> dict:
         "seed": args.seed,
         **metrics,
     }
-    out = Path(args.out or Path(args.ckpt) / f"eval-{args.sampler}-{args.steps}.json")
+    out = Path(args.out) if args.out else default_out(args)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     print(f"metrics written to {out}")

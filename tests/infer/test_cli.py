@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from diffusion import build_process
 from infer.cli import parse, sampling_plan
-from infer.evaluate import EvalArgs
+from infer.evaluate import EvalArgs, default_out
 from infer.sample import SampleArgs
 from modalities.image import Image, ImageConfig
 from modalities.text_discrete import TextDiscrete, TextDiscreteConfig
@@ -71,3 +71,14 @@ def test_guidance_on_an_unconditional_model_is_refused_not_dropped():
             plan(["guidance=3"], model)
         assert plan([], model)[2] == 1.0  # the run's own guidance setting has nothing to act on
         assert plan(["guidance=1"], model)[2] == 1.0
+
+
+def test_evaluations_under_other_settings_keep_their_own_files():
+    def out(argv):
+        args = parse(EvalArgs, ["ckpt=runs/r/checkpoints/last", *argv])
+        steps, sampler, guidance = sampling_plan(args, RUN, *image(), "cpu")
+        return default_out(OmegaConf.merge(args, {"steps": steps, "sampler": sampler, "guidance": guidance}))
+
+    assert out([]).as_posix() == "runs/r/checkpoints/last/eval-dpmpp_2m-50-g3-n1000-seed0.json"  # the run's plan
+    names = {out(argv) for argv in ([], ["guidance=2"], ["guidance=2.5"], ["seed=1"], ["n=500"], ["steps=10"])}
+    assert len(names) == 6
