@@ -249,96 +249,105 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     t0, seen = time.perf_counter(), 0
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     model.train()
-    while state.step < cfg.steps and not stop["now"]:
-        loader.set_epoch(state.epoch)
-        if state.batch_in_epoch == 0:  # files found unusable while listing (wrong extension...) count too
-            tracker.add(0, loader.dataset.skipped, verbose=accelerator.is_main_process and state.epoch == 0)
-        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in batches:
-            state.batch_in_epoch += 1
-            tracker.add(batch["n"], batch["bad"], verbose=True)
-            with accelerator.accumulate(model):
-                cond = modality.cond(batch)
-                if cond:  # condition dropout for guidance, drawn from the checkpointed generator
-                    rows = next(iter(cond.values())).shape[0]
-                    draw = torch.rand(rows, generator=state.generator, device=device)
-                    cond["drop"] = draw < cfg.backbone.cond_dropout
-                loss = modality.loss(process, model, batch, cond, generator=state.generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # The norm is taken after the gradients were averaged over processes, so every
-                    # process reaches the same verdict (a NaN loss anywhere makes it NaN everywhere).
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                    finite = bool(torch.isfinite(grad_norm))
-                    if finite:
-                        optimizer.step()
-                        state.bad_steps = 0
-                    else:
-                        state.bad_steps += 1
-                        accelerator.print(
-                            f"warning: non-finite loss or gradient at step {state.step}, step skipped "
-                            f"({state.bad_steps} in a row)"
-                        )
-                        if state.bad_steps >= cfg.max_bad_steps:
-                            raise FloatingPointError(
-                                f"{state.bad_steps} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}); "
-                                + (
-                                    f"the last good checkpoint is {last_good}"
-                                    if last_good
-                                    else "no checkpoint was kept"
-                                )
-                                + ". Lower optim.lr, or check the data."
+    try:
+        while state.step < cfg.steps and not stop["now"]:
+            loader.set_epoch(state.epoch)
+            if state.batch_in_epoch == 0:  # files found unusable while listing (wrong extension...) count too
+                tracker.add(0, loader.dataset.skipped, verbose=accelerator.is_main_process and state.epoch == 0)
+            batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+            for batch in batches:
+                state.batch_in_epoch += 1
+                tracker.add(batch["n"], batch["bad"], verbose=True)
+                with accelerator.accumulate(model):
+                    cond = modality.cond(batch)
+                    if cond:  # condition dropout for guidance, drawn from the checkpointed generator
+                        rows = next(iter(cond.values())).shape[0]
+                        draw = torch.rand(rows, generator=state.generator, device=device)
+                        cond["drop"] = draw < cfg.backbone.cond_dropout
+                    loss = modality.loss(process, model, batch, cond, generator=state.generator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # The norm is taken after the gradients were averaged over processes, so every
+                        # process reaches the same verdict (a NaN loss anywhere makes it NaN everywhere).
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                        finite = bool(torch.isfinite(grad_norm))
+                        if finite:
+                            optimizer.step()
+                            state.bad_steps = 0
+                        else:
+                            state.bad_steps += 1
+                            accelerator.print(
+                                f"warning: non-finite loss or gradient at step {state.step}, step skipped "
+                                f"({state.bad_steps} in a row)"
                             )
-                    optimizer.zero_grad(set_to_none=True)
-            seen += batch["n"]
-            window.append(loss.detach().float())
-            if not accelerator.sync_gradients:
-                continue
+                            if state.bad_steps >= cfg.max_bad_steps:
+                                raise FloatingPointError(
+                                    f"{state.bad_steps} non-finite steps in a row (max_bad_steps={cfg.max_bad_steps}); "
+                                    + (
+                                        f"the last good checkpoint is {last_good}"
+                                        if last_good
+                                        else "no checkpoint was kept"
+                                    )
+                                    + ". Lower optim.lr, or check the data."
+                                )
+                        optimizer.zero_grad(set_to_none=True)
+                seen += batch["n"]
+                window.append(loss.detach().float())
+                if not accelerator.sync_gradients:
+                    continue
 
-            scheduler.step()
-            update_ema(ema_model, accelerator.unwrap_model(model), cfg.ema_decay, state.step)
-            state.step += 1
-            bar.update(1)
-            stop["now"] = any_process(accelerator, stop["signal"] is not None or time.monotonic() > deadline)
+                scheduler.step()
+                update_ema(ema_model, accelerator.unwrap_model(model), cfg.ema_decay, state.step)
+                state.step += 1
+                bar.update(1)
+                stop["now"] = any_process(accelerator, stop["signal"] is not None or time.monotonic() > deadline)
 
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                tracker.check(*accelerator.reduce(torch.tensor([tracker.seen, tracker.bad], device=device)).tolist())
-                mean_loss = accelerator.reduce(torch.stack(window).nanmean(), "mean").item()
-                rate = seen * accelerator.num_processes / (time.perf_counter() - t0)
-                losses.append((state.step, mean_loss))
-                log.write(state.step, mean_loss, lr=scheduler.get_last_lr()[0], samples_per_s=rate)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.0f}")
-                window, t0, seen = [], time.perf_counter(), 0
-            if accelerator.is_main_process and cfg.sample.every and state.step % cfg.sample.every == 0:
-                preview(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["now"]:
-                # Inside a non-finite streak, or with weights already blown up, a checkpoint would
-                # replace `last` by a broken model: keep the last good one instead.
-                if any_process(accelerator, state.bad_steps > 0 or not finite_weights(model, ema_model)):
-                    accelerator.print(
-                        f"warning: no checkpoint at step {state.step}: the run is unhealthy ({state.bad_steps} "
-                        "non-finite steps in a row, or non-finite weights); "
-                        f"the last good one is {last_good or 'none yet'}"
+                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                    tracker.check(
+                        *accelerator.reduce(torch.tensor([tracker.seen, tracker.bad], device=device)).tolist()
                     )
-                else:
-                    is_best = bool(losses) and losses[-1][1] < state.best_loss
-                    if is_best:
-                        state.best_loss = losses[-1][1]
-                    last_good = save_checkpoint(
-                        accelerator, ckpt_root, state.step, cfg, ema_model, cfg.keep_last, is_best
-                    )
-            if state.step >= cfg.steps or stop["now"]:
-                break
-        else:  # the epoch ran out
-            seen_all, bad_all = accelerator.reduce(torch.tensor([tracker.seen, tracker.bad], device=device)).tolist()
-            tracker.check(seen_all, bad_all, final=True)
-            accelerator.print(f"epoch {state.epoch} done: {tracker.summary(seen_all, bad_all)}")
-            tracker.reset()
-            state.epoch += 1
-            state.batch_in_epoch = 0
+                    mean_loss = accelerator.reduce(torch.stack(window).nanmean(), "mean").item()
+                    rate = seen * accelerator.num_processes / (time.perf_counter() - t0)
+                    losses.append((state.step, mean_loss))
+                    log.write(state.step, mean_loss, lr=scheduler.get_last_lr()[0], samples_per_s=rate)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.0f}")
+                    window, t0, seen = [], time.perf_counter(), 0
+                if accelerator.is_main_process and cfg.sample.every and state.step % cfg.sample.every == 0:
+                    preview(cfg, modality, process, ema_model, device, run_dir / "samples" / f"step_{state.step:08d}")
+                if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop["now"]:
+                    # Inside a non-finite streak, or with weights already blown up, a checkpoint would
+                    # replace `last` by a broken model: keep the last good one instead.
+                    if any_process(accelerator, state.bad_steps > 0 or not finite_weights(model, ema_model)):
+                        accelerator.print(
+                            f"warning: no checkpoint at step {state.step}: the run is unhealthy ({state.bad_steps} "
+                            "non-finite steps in a row, or non-finite weights); "
+                            f"the last good one is {last_good or 'none yet'}"
+                        )
+                    else:
+                        is_best = bool(losses) and losses[-1][1] < state.best_loss
+                        if is_best:
+                            state.best_loss = losses[-1][1]
+                        last_good = save_checkpoint(
+                            accelerator, ckpt_root, state.step, cfg, ema_model, cfg.keep_last, is_best
+                        )
+                if state.step >= cfg.steps or stop["now"]:
+                    break
+            else:  # the epoch ran out
+                seen_all, bad_all = accelerator.reduce(
+                    torch.tensor([tracker.seen, tracker.bad], device=device)
+                ).tolist()
+                tracker.check(seen_all, bad_all, final=True)
+                accelerator.print(f"epoch {state.epoch} done: {tracker.summary(seen_all, bad_all)}")
+                tracker.reset()
+                state.epoch += 1
+                state.batch_in_epoch = 0
 
-    bar.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    except BaseException:
+        log.close()  # a run that raises (non-finite stop, bad data) leaves no open writer behind
+        raise
+    finally:  # and no handler of its own for the process's SIGTERM
+        bar.close()
+        signal.signal(signal.SIGTERM, previous_handler)
     out_of_time = time.monotonic() > deadline
     if accelerator.is_main_process:
         # Every run ends with a grid of its final model, the first thing a person looks at (also a run
