@@ -23,14 +23,35 @@ EVALUATED = ("shapes", "moving_mnist")  # data sets with a frame classifier
 MAX_REFERENCE = 1000  # real test clips the samples are compared with
 
 
-def centroids(frames: torch.Tensor) -> torch.Tensor:
-    """Intensity centroids (x, y) in pixels of (N, C, H, W) frames in [0, 1]; the darkest value of
-    each frame is taken as background, so a coloured object on a dark ground is what is weighed."""
+INK = 0.2  # share of a frame's intensity range below which a pixel counts as background
+
+
+def centroids(frames: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    """Centres (x, y) in pixels of the object in (N, C, H, W) frames in [0, 1]: the intensity
+    centroid of its pixels, robust to what a generated frame adds around it.
+
+    A plain intensity centroid weighs every pixel, so a faint haze over the background drags it
+    towards the middle of the frame: real Moving-MNIST test clips with |N(0, 0.02)| added (about 4 of
+    255 grey levels, invisible to a person) had their digit read right in 52% of frames instead of
+    95% (bench/RESULTS.md, Video). So pixels below INK of the frame's range (darkest to brightest)
+    weigh nothing, and only the side x side window holding the most weight counts (isolated specks
+    elsewhere do not pull the centre); side defaults to half the frame, a Moving-MNIST digit's size.
+    On clean real clips the centres move by 0.08 px on average."""
     gray = frames.float().mean(1)  # (N, H, W)
-    weight = (gray - gray.amin(dim=(1, 2), keepdim=True)).clamp(min=0) + 1e-8
-    ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in gray.shape[1:]), indexing="ij")
+    side = side or gray.shape[-1] // 2
+    low, high = gray.amin(dim=(1, 2), keepdim=True), gray.amax(dim=(1, 2), keepdim=True)
+    weight = (gray - low - INK * (high - low)).clamp(min=0)
+    mass = F.avg_pool2d(weight[:, None], side, stride=1).flatten(1)  # every side x side window
+    cols = gray.shape[-1] - side + 1
+    top, left = mass.argmax(1).div(cols, rounding_mode="floor"), mass.argmax(1) % cols
+    ys, xs = (torch.arange(n)[None, :] for n in gray.shape[1:])
+    rows_in = (ys >= top[:, None]) & (ys < top[:, None] + side)  # (N, H)
+    cols_in = (xs >= left[:, None]) & (xs < left[:, None] + side)  # (N, W)
+    weight = weight * rows_in[:, :, None] * cols_in[:, None, :] + 1e-8
     total = weight.sum(dim=(1, 2))
-    return torch.stack([(weight * xs).sum(dim=(1, 2)) / total, (weight * ys).sum(dim=(1, 2)) / total], dim=-1)
+    x = (weight.sum(1) * xs).sum(1) / total
+    y = (weight.sum(2) * ys).sum(1) / total
+    return torch.stack([x, y], dim=-1)
 
 
 def displacements(clips: torch.Tensor) -> torch.Tensor:
@@ -46,7 +67,7 @@ def glimpse(frames: torch.Tensor, side: int) -> torch.Tensor:
     (MNIST centres digits by their centre of mass), which the MNIST classifier reads.
     frames: (N, C, H, W) in [0, 1]."""
     size = frames.shape[-1]
-    corner = (centroids(frames) - side / 2).round().long().clamp(0, size - side)  # (N, 2) as (x, y)
+    corner = (centroids(frames, side) - side / 2).round().long().clamp(0, size - side)  # (N, 2) as (x, y)
     crops = torch.stack([f[:, y : y + side, x : x + side] for f, (x, y) in zip(frames, corner.tolist())])
     return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 

@@ -20,7 +20,7 @@ from modalities.image_data import to_tensor
 from modalities.media import read_video, write_video
 from modalities.video import Video, VideoConfig
 from modalities.video_data import VideoFolder
-from modalities.video_metrics import displacements
+from modalities.video_metrics import centroids, displacements, glimpse
 from train.checkpoint import build_model
 
 SHARED_VIDEO = Path(__file__).resolve().parents[3] / "shared" / "data" / "video" / "carphone_pristine.mp4"
@@ -173,6 +173,27 @@ def test_moving_mnist_clips_keep_the_digit_and_move_at_the_set_speed(tmp_path):
         steps = displacements((item["x"][None] + 1) / 2)[0]
         assert (steps - 3.0).abs().median() < 0.75, steps  # bounces shorten a step, rounding moves 0.5 px
     assert torch.equal(data[3]["x"], video.dataset("test")[3]["x"])
+
+
+def test_the_digit_window_ignores_faint_haze_and_stray_specks():
+    # A 6 x 6 "digit" centred at (22.5, 9.5) on a 32 x 32 frame, then what generated frames add: an
+    # uneven haze (|N(0, 0.03)|, about 6 of 255 grey levels) and, in the second frame, one bright
+    # speck far away. The intensity centroid above the darkest pixel lands far off, towards the
+    # middle (the haze outweighs the digit); the window must stay on the digit.
+    clean = torch.zeros(2, 1, 32, 32)
+    clean[:, :, 7:13, 20:26] = 1.0
+    haze = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)).abs() * 0.03
+    hazy = (clean + haze).clamp(max=1)
+    hazy[1, :, 28, 2] = 1.0
+    weight = hazy.mean(1) - hazy.mean(1).amin(dim=(1, 2), keepdim=True)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    plain = torch.stack([(weight * xs).sum((1, 2)), (weight * ys).sum((1, 2))], -1) / weight.sum((1, 2))[:, None]
+    assert (plain - torch.tensor([22.5, 9.5])).norm(dim=-1).min() > 3
+    assert torch.allclose(centroids(hazy), torch.tensor([22.5, 9.5]).expand(2, 2), atol=0.1)
+    crops = glimpse(hazy, 16)  # the window 16 px wide around the digit, resized to 32
+    assert (crops - glimpse(clean, 16)).abs().mean() < 0.05
+    # the digit in its middle, up to the crop corner's rounding (one frame pixel, two glimpse pixels)
+    assert torch.allclose(centroids(glimpse(clean, 16), 32), torch.tensor(15.5), atol=2.1)
 
 
 def test_impossible_shapes_are_rejected_naming_the_keys():
