@@ -4,8 +4,8 @@
 - label_agreement: share of generated frames classified as the clip's requested label;
 - identity_consistency: share of clips whose frames all get the same predicted class (an object
   that changes kind mid-clip fails it);
-- motion: mean and spread of the frame-to-frame displacement of the intensity centroid (pixels),
-  generated and real test clips, so a frozen or jittering model shows;
+- motion: mean and spread of the frame-to-frame displacement of the object's centre (`centroids`,
+  pixels), generated and real test clips, so a frozen or jittering model shows;
 - frechet_distance: Fréchet distance between the classifier's per-frame features of generated
   and real test frames (FID's formula on a small in-domain classifier, as for images).
 """
@@ -62,9 +62,9 @@ def displacements(clips: torch.Tensor) -> torch.Tensor:
 
 
 def glimpse(frames: torch.Tensor, side: int) -> torch.Tensor:
-    """Crop a side x side window centred on each frame's centroid and resize it to the frame size:
-    a Moving-MNIST frame (a digit of side size/2 somewhere) becomes an MNIST-like centred digit
-    (MNIST centres digits by their centre of mass), which the MNIST classifier reads.
+    """Crop a side x side window centred on each frame's object (`centroids`) and resize it to the
+    frame size: a Moving-MNIST frame (a digit of side size/2 somewhere) becomes an MNIST-like centred
+    digit (MNIST centres digits by their centre of mass), which the MNIST classifier reads.
     frames: (N, C, H, W) in [0, 1]."""
     size = frames.shape[-1]
     corner = (centroids(frames, side) - side / 2).round().long().clamp(0, size - side)  # (N, 2) as (x, y)
