@@ -54,30 +54,32 @@ def centroids(frames: torch.Tensor, side: int | None = None) -> torch.Tensor:
     return torch.stack([x, y], dim=-1)
 
 
-def displacements(clips: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) clips in [0, 1] -> (B, T - 1) centroid displacement between frames, pixels."""
+def displacements(clips: torch.Tensor, locate=centroids) -> torch.Tensor:
+    """(B, C, T, H, W) clips in [0, 1] -> (B, T - 1) displacement of the object between frames, pixels.
+    locate: (N, C, H, W) frames -> (N, 2) centres (bench/video_window.py passes others)."""
     b = clips.shape[0]
-    c = centroids(rearrange(clips, "b c t h w -> (b t) c h w")).view(b, -1, 2)
+    c = locate(rearrange(clips, "b c t h w -> (b t) c h w")).view(b, -1, 2)
     return (c[:, 1:] - c[:, :-1]).norm(dim=-1)
 
 
-def glimpse(frames: torch.Tensor, side: int) -> torch.Tensor:
+def glimpse(frames: torch.Tensor, side: int, locate=centroids) -> torch.Tensor:
     """Crop a side x side window centred on each frame's object (`centroids`) and resize it to the
     frame size: a Moving-MNIST frame (a digit of side size/2 somewhere) becomes an MNIST-like centred
     digit (MNIST centres digits by their centre of mass), which the MNIST classifier reads.
-    frames: (N, C, H, W) in [0, 1]."""
+    frames: (N, C, H, W) in [0, 1]; locate: (frames, side) -> (N, 2) centres."""
     size = frames.shape[-1]
-    corner = (centroids(frames, side) - side / 2).round().long().clamp(0, size - side)  # (N, 2) as (x, y)
+    corner = (locate(frames, side) - side / 2).round().long().clamp(0, size - side)  # (N, 2) as (x, y)
     crops = torch.stack([f[:, y : y + side, x : x + side] for f, (x, y) in zip(frames, corner.tolist())])
     return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def classify(classifier, clips: torch.Tensor, dataset: str, device, batch: int = 512):
-    """Per-frame features (B*T, F) and predicted classes (B, T) of (B, C, T, H, W) clips in [0, 1]."""
+def classify(classifier, clips: torch.Tensor, dataset: str, device, batch: int = 512, locate=centroids):
+    """Per-frame features (B*T, F) and predicted classes (B, T) of (B, C, T, H, W) clips in [0, 1];
+    Moving-MNIST frames through `glimpse` with `locate`."""
     b = clips.shape[0]
     frames = rearrange(clips, "b c t h w -> (b t) c h w")
     if dataset == "moving_mnist":
-        frames = glimpse(frames, frames.shape[-1] // 2)
+        frames = glimpse(frames, frames.shape[-1] // 2, locate)
     feats, preds = [], []
     for chunk in frames.split(batch):
         f = classifier.features(chunk.to(device) * 2 - 1)  # the classifier reads [-1, 1]

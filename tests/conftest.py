@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 try:
@@ -75,3 +80,10 @@ def text_run(tmp_path):
         return train(compose_cfg([*TINY_TEXT, f"out_dir={tmp_path}", "name=t", *overrides]))
 
     return run
+
+
+def write_idx(path: Path, array: np.ndarray):
+    """An idx file as MNIST ships them (gzip, unsigned bytes)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from omegaconf import OmegaConf
 from PIL import Image as PIL
 
@@ -14,12 +15,6 @@ from modalities.image import Image, ImageConfig
 from modalities.image_data import MNIST, ImageFolder, Shapes, read_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
-
-
-def write_idx(path: Path, array: np.ndarray):
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_idx_files_round_trip_and_corrupt_headers_are_named(tmp_path):

@@ -1,14 +1,13 @@
 """Video: real files through the folder data set, bad files skipped and counted, training with both
 attention layouts, MP4 output read back, first_frame held exactly, seeded sampling, Moving MNIST."""
 
-import gzip
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from omegaconf import OmegaConf
 from PIL import Image as PILImage
 
@@ -30,13 +29,6 @@ TINY_VIDEO = ["modality=video", "modality.frames=4", "modality.size=8", "steps=8
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
-
-
-def write_idx(path: Path, array: np.ndarray):
-    """An idx file as MNIST ships them (gzip, unsigned bytes)."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def tiny_video(**keys):
