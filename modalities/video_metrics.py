@@ -32,7 +32,7 @@ def centroids(frames: torch.Tensor, side: int | None = None) -> torch.Tensor:
 
     A plain intensity centroid weighs every pixel, so a faint haze over the background drags it
     towards the middle of the frame: real Moving-MNIST test clips with |N(0, 0.02)| added (about 4 of
-    255 grey levels, invisible to a person) had their digit read right in 52% of frames instead of
+    255 grey levels, invisible to a person) had their digit read right in 53% of frames instead of
     95% (bench/RESULTS.md, Video). So pixels below INK of the frame's range (darkest to brightest)
     weigh nothing, and only the side x side window holding the most weight counts (isolated specks
     elsewhere do not pull the centre); side defaults to half the frame, a Moving-MNIST digit's size.
@@ -44,7 +44,7 @@ def centroids(frames: torch.Tensor, side: int | None = None) -> torch.Tensor:
     mass = F.avg_pool2d(weight[:, None], side, stride=1).flatten(1)  # every side x side window
     cols = gray.shape[-1] - side + 1
     top, left = mass.argmax(1).div(cols, rounding_mode="floor"), mass.argmax(1) % cols
-    ys, xs = (torch.arange(n)[None, :] for n in gray.shape[1:])
+    ys, xs = (torch.arange(n, device=gray.device)[None, :] for n in gray.shape[1:])
     rows_in = (ys >= top[:, None]) & (ys < top[:, None] + side)  # (N, H)
     cols_in = (xs >= left[:, None]) & (xs < left[:, None] + side)  # (N, W)
     weight = weight * rows_in[:, :, None] * cols_in[:, None, :] + 1e-8
