@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ try:
     from hydra.core.global_hydra import GlobalHydra
 except ImportError as e:  # a pytest from outside the environment polydiff was installed into
     raise pytest.UsageError(
-        f'{e}: install polydiff first (pip install -e ".[dev]") and run the pytest of that environment'
+        f"{e} in the Python running pytest ({sys.executable}): install polydiff into it first, and run "
+        'both through one interpreter: python -m pip install -e ".[dev]", then python -m pytest'
     ) from e
 
 from train.config import CONFIG_DIR, register_schemas

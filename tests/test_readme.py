@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +39,11 @@ def test_readme_test_command_collects_in_a_fresh_copy(tmp_path):
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, clone / name)
     _, test = readme_commands()
+    argv = shlex.split(test)
+    if argv[0] == "python":  # the interpreter of the environment polydiff is installed in, as on a user's shell
+        argv[0] = sys.executable
     done = subprocess.run(
-        [*shlex.split(test), "--collect-only", "-q", "-p", "no:cacheprovider"],
+        [*argv, "--collect-only", "-q", "-p", "no:cacheprovider"],
         cwd=clone,
         capture_output=True,
         text=True,
