@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from backbones.dit import DiT
+from backbones.heads import ConvHead, HeadedDiT
 from diffusion import build_process
+from diffusion.continuous import SELF_COND
 
 
 @dataclass
@@ -139,7 +141,7 @@ class Modality:
         autoencoder) returns its own module; like the DiT it offers set_attention_backend(name,
         device_type) and compile_blocks(), and its state_dict is what checkpoints hold."""
         b = cfg.backbone
-        return DiT(
+        dit = DiT(
             hidden_size=b.hidden_size,
             depth=b.depth,
             num_heads=b.num_heads,
@@ -152,6 +154,14 @@ class Modality:
             grad_checkpointing=cfg.grad_checkpointing,
             **self.backbone_kwargs(),
         )
+        head = self.conv_head()
+        return HeadedDiT(dit, ConvHead(*head, self.grid_axes)) if head else dit
+
+    def conv_head(self) -> tuple[int, int] | None:
+        """(features, channels) of a convolutional output head (backbones/heads.py) for grid data: the
+        DiT's tokens then carry `features` values per grid cell, unpatchified by from_tokens and turned
+        into the data's `channels` by the head. Default None: the DiT's linear read-out alone."""
+        return None
 
     def backbone_pos(self, backbone) -> str:
         """The positions the DiT uses: backbone.pos, or while it is null this modality's own."""
@@ -159,9 +169,23 @@ class Modality:
 
     def loss(self, process, model, batch, cond: dict, generator=None) -> torch.Tensor:
         """The training objective of one batch (a scalar to minimise). `cond` already carries the
-        condition dropout. Default: the process's denoising loss on encode(batch); a modality whose
-        objective has terms of its own (a rounding loss, a reconstruction loss) overrides this."""
-        return process.loss(self.model_fn(model), self.encode(batch), cond, generator=generator)
+        condition dropout. Default: the process's denoising loss on encode(batch), self-conditioned
+        where self_conditioning(); a modality whose objective has terms of its own (a rounding loss, a
+        reconstruction loss) overrides this."""
+        return self.denoising_loss(process, model, self.encode(batch), cond, generator)
+
+    def denoising_loss(self, process, model, x0, cond: dict, generator=None) -> torch.Tensor:
+        """The process's loss on x0 through model_fn, with self-conditioning where it is on."""
+        if self.self_conditioning():
+            return process.loss_and_x0(self.model_fn(model), x0, cond, generator, self_condition=True)[0]
+        return process.loss(self.model_fn(model), x0, cond, generator=generator)
+
+    def self_conditioning(self) -> bool:
+        """Whether the network also sees its own previous x0 estimate (Chen et al. 2023, "Analog Bits"),
+        concatenated to x_t along the channel axis (axis 1) by model_fn: `modality.self_condition` of a
+        modality of continuous data on a grid (images, video). The process trains it
+        (ContinuousProcess.self_conditioned) and feeds it in sampling (sample_options)."""
+        return bool(getattr(self.cfg, "self_condition", False))
 
     def noise_process(self):
         """The noise process that corrupts x0 and samples it (diffusion/), as modality.process and
@@ -193,9 +217,19 @@ class Modality:
         raise NotImplementedError
 
     def model_fn(self, backbone):
+        head, self_cond = self.conv_head(), self.self_conditioning()
+
         def fn(xt, t, cond):
-            tokens, positions = self.to_tokens(xt)
-            return self.from_tokens(backbone(tokens, positions, t, **cond), xt.shape)
+            x = xt
+            if self_cond:  # the previous estimate (zeros when there is none) as more input channels
+                cond = dict(cond)
+                previous = cond.pop(SELF_COND, None)
+                x = torch.cat([xt, torch.zeros_like(xt) if previous is None else previous.to(xt.dtype)], dim=1)
+            tokens, positions = self.to_tokens(x)
+            if head is None:
+                return self.from_tokens(backbone(tokens, positions, t, **cond), xt.shape)
+            grid = (xt.shape[0], head[0], *xt.shape[2:])  # features in place of the channels
+            return backbone(tokens, positions, t, unpatchify=lambda out: self.from_tokens(out, grid), **cond)
 
         return fn
 
@@ -237,5 +271,5 @@ class Modality:
         """Extra keyword arguments for the process's sample() from the user's request (e.g. fixed
         prompt tokens for discrete text, an x0_hook for continuous processes). `model` is the network
         that samples, for hooks that read its weights (the clamping trick reads the embedding table).
-        Default: none."""
-        return {}
+        Default: self_condition=True for a self-conditioned network, else none."""
+        return {"self_condition": True} if self.self_conditioning() else {}

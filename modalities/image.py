@@ -49,6 +49,10 @@ class ImageConfig(ModalityConfig):
     caption_tokens: int = 16  # captions are padded or cut to this many tokens
     missing_caption: str = "error"  # folder data with captions: an image without one is an error | empty
     prompts: list[str] | None = None  # filled from the training captions: what preview grids ask for
+    # 0: the DiT's tokens are read out to pixels by its linear layer; F > 0: they carry F values per
+    # pixel and a small convolutional head draws the pixels from them (backbones/heads.py)
+    head_channels: int = 0
+    self_condition: bool = False  # the network also sees its previous x0 estimate (Chen et al. 2023)
 
 
 def grid_columns(n: int) -> int:
@@ -188,7 +192,7 @@ class Image(Modality):
 
     def loss(self, process, model, batch, cond, generator=None):
         # encode draws from the checkpointed generator too (modality.latent=sample): exact resume
-        return process.loss(self.model_fn(model), self.encode(batch, generator), cond, generator=generator)
+        return self.denoising_loss(process, model, self.encode(batch, generator), cond, generator)
 
     def decode(self, x0, model=None, **request):
         x = self.codec.decode(x0) if self.codec else x0
@@ -204,13 +208,16 @@ class Image(Modality):
             caption_rows(path, self.captions(len(samples), prompt)[::columns], pitch=samples.shape[-2] + 1)
         return str(path)
 
+    def conv_head(self):
+        return (self.cfg.head_channels, self.x_channels) if self.cfg.head_channels else None
+
     def backbone_kwargs(self):
         dim = self.patch * self.patch * self.x_channels
         text_dim = self.text.dim if self.text else 0
         num_classes = len(self.classes) if self.labels else 0
         return {
-            "in_dim": dim,
-            "out_dim": dim,
+            "in_dim": dim * (2 if self.cfg.self_condition else 1),  # x_t [, the previous x0 estimate]
+            "out_dim": self.patch * self.patch * (self.cfg.head_channels or self.x_channels),
             "num_classes": num_classes,
             "cond_dim": text_dim,
             "context_dim": text_dim,

@@ -104,6 +104,7 @@ def evaluate_adherence(modality, model, process, args, device) -> dict:
                 guidance=guidance,
                 device=device,
                 generator=torch.Generator(device=device).manual_seed(args.seed + i),
+                **modality.sample_options(model),  # e.g. self-conditioning
             )
             rows.append(score(modality.decode(x0), asked, classifier))
     result = {}

@@ -206,6 +206,7 @@ def generated(modality, model, process, args, device):
             guidance=args.guidance,
             device=device,
             generator=torch.Generator(device=device).manual_seed(args.seed + i),
+            **modality.sample_options(model),  # e.g. self-conditioning
         )
         yield labels, x0
 

@@ -38,6 +38,8 @@ class VideoConfig(ModalityConfig):
     conditional: bool = True  # train and sample with class labels (classifier-free guidance)
     shapes_items: int = 20000  # size of the built-in shapes training split (test: a tenth)
     classes: list[str] | None = None  # filled from the data at the start of training
+    head_channels: int = 0  # 0: linear read-out; F > 0: F values per pixel, then a convolutional head
+    self_condition: bool = False  # the network also sees its previous x0 estimate (Chen et al. 2023)
 
 
 class Video(Modality):
@@ -124,9 +126,14 @@ class Video(Modality):
         save_image(strip, path.with_suffix(".png"), nrow=shown.shape[2], padding=1)
         return str(path.with_suffix(".png"))
 
+    def conv_head(self):
+        return (self.cfg.head_channels, self.channels) if self.cfg.head_channels else None
+
     def backbone_kwargs(self):
         dim = self.tubelet * self.patch * self.patch * self.channels
-        return {"in_dim": dim, "out_dim": dim, "num_classes": len(self.classes) if self.cfg.conditional else 0}
+        out = self.tubelet * self.patch * self.patch * (self.cfg.head_channels or self.channels)
+        inputs = dim * (2 if self.cfg.self_condition else 1)  # x_t [, the previous x0 estimate]
+        return {"in_dim": inputs, "out_dim": out, "num_classes": len(self.classes) if self.cfg.conditional else 0}
 
     def to_tokens(self, x):
         pt, p = self.tubelet, self.patch
@@ -151,8 +158,9 @@ class Video(Modality):
         training frames, replaces frame 0 of the x0 estimate at every step (the replacement
         method of inpainting, Lugmayr et al. 2022 without resampling), so the clip is generated
         around it and its frame 0 is exactly the given image."""
+        options = super().sample_options(model)
         if first_frame is None:
-            return {}
+            return options
         try:
             with PILImage.open(first_frame) as image:
                 image.load()
@@ -165,7 +173,7 @@ class Video(Modality):
             x0_hat[:, :, 0] = frame.to(x0_hat)
             return x0_hat
 
-        return {"x0_hook": hold_first_frame}
+        return {**options, "x0_hook": hold_first_frame}
 
     def evaluate(self, model, process, args, device, reference=None):
         """Per-frame label agreement, identity consistency, motion and Fréchet distance of the

@@ -123,6 +123,8 @@ def validate(cfg: DictConfig):
     for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "sample.n", "sample.steps"):
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
+    if cfg.modality.get("head_channels", 0) < 0:
+        raise ValueError(f"modality.head_channels={cfg.modality.head_channels} must be 0 (no head) or positive")
     if not 0 <= cfg.data.bad_threshold < 1:
         raise ValueError(f"data.bad_threshold={cfg.data.bad_threshold} must be in [0, 1)")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:

@@ -245,11 +245,18 @@ def test_self_conditioned_training_gives_half_the_examples_a_first_estimate():
     calls = []
 
     def model_fn(xt, t, cond):
-        calls.append(cond["x0_self"].clone())
-        return torch.full_like(xt, 0.7)  # its estimate, whatever the input
+        calls.append({key: value.clone() for key, value in cond.items()})
+        return torch.full_like(xt, 0.7) + cond["label"][:, None]  # its estimate: 0.7 plus the label
 
-    process.loss_and_x0(model_fn, torch.zeros(4000, 1), {}, torch.Generator().manual_seed(0), self_condition=True)
+    label = torch.arange(4000).float()
+    process.loss_and_x0(
+        model_fn, torch.zeros(4000, 1), {"label": label}, torch.Generator().manual_seed(0), self_condition=True
+    )
     first, second = calls
-    assert (first == 0).all()  # the first pass starts from nothing
-    given = (second == 0.7).float().mean().item()
-    assert 0.45 < given < 0.55 and ((second == 0) | (second == 0.7)).all()
+    assert (first["x0_self"] == 0).all()  # the first pass starts from nothing
+    given = second["x0_self"][:, 0] != 0
+    assert 0.45 < given.float().mean().item() < 0.55
+    # the first pass ran on the given half alone, each example with its own condition
+    assert torch.equal(first["label"], label[given])
+    torch.testing.assert_close(second["x0_self"][given, 0], 0.7 + label[given])
+    assert torch.equal(second["label"], label)

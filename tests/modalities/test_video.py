@@ -87,9 +87,18 @@ def test_corrupt_and_too_short_files_are_skipped_and_counted(tmp_path):
 
 # attention=math for the factorized run: on a CPU, SDPA's fused kernel over hundreds of 4-token
 # groups (across-frame blocks) is about 10x slower than the plain math (bench/throughput.py --clip-sweep).
-@pytest.mark.parametrize("layout,process,attention", [("full", "gaussian", "auto"), ("factorized", "flow", "math")])
-def test_tiny_video_model_loss_falls(tiny_cfg, layout, process, attention):
-    overrides = [f"backbone.layout={layout}", f"modality.process={process}", f"attention={attention}"]
+# The third run puts the convolutional output head (backbones/heads.py) over the clip and trains with
+# self-conditioning.
+@pytest.mark.parametrize(
+    "layout,process,attention,extra",
+    [
+        ("full", "gaussian", "auto", []),
+        ("factorized", "flow", "math", []),
+        ("full", "gaussian", "auto", ["modality.head_channels=8", "modality.self_condition=true"]),
+    ],
+)
+def test_tiny_video_model_loss_falls(tiny_cfg, layout, process, attention, extra):
+    overrides = [f"backbone.layout={layout}", f"modality.process={process}", f"attention={attention}", *extra]
     result = trainer.train(tiny_cfg(*TINY_VIDEO, *overrides))
     first, last = result.losses[0][1], result.losses[-1][1]
     assert last < 0.5 * first, result.losses
@@ -132,6 +141,26 @@ def test_first_frame_holds_frame_zero_exactly(tmp_path, sampler, process):
     assert torch.equal(x0[0, :, 0], expected) and torch.equal(x0[1, :, 0], expected)
     assert not torch.equal(x0[0, :, 1], expected)
     assert video.sample_options() == {}  # the trainer's call, with no request
+
+
+def test_a_self_conditioned_model_sees_its_previous_estimate(tmp_path):
+    video = tiny_video(self_condition=True)
+    cfg = OmegaConf.create({"backbone": {"hidden_size": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}})
+    cfg.backbone.update({"pos": "rope", "qk_norm": True, "cond_dropout": 0.1, "layout": "full"})
+    cfg.update({"attention": "math", "grad_checkpointing": False})
+    torch.manual_seed(0)
+    model = build_model(cfg, video).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # off the adaLN-Zero start, whose output is zero whatever the input
+            p.add_(torch.randn_like(p) * 0.05)
+    xt, t, cond = torch.randn(2, 3, 4, 8, 8), torch.full((2,), 0.5), video.sample_cond(2, "cpu")
+    fn = video.model_fn(model)
+    none, zeros = fn(xt, t, cond), fn(xt, t, {**cond, "x0_self": torch.zeros_like(xt)})
+    torch.testing.assert_close(none, zeros)  # no estimate yet: zeros, as in training
+    assert not torch.allclose(fn(xt, t, {**cond, "x0_self": torch.ones_like(xt)}), zeros)
+    PILImage.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "f.png")
+    assert video.sample_options() == {"self_condition": True}  # what training's and evaluation's samples use
+    assert video.sample_options(first_frame=str(tmp_path / "f.png")).keys() == {"self_condition", "x0_hook"}
 
 
 def test_sampling_under_a_seed_is_deterministic():

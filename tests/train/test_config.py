@@ -49,6 +49,7 @@ def test_wrong_type_fails_naming_the_key():
         ("batch_size=0", "batch_size=0 must be at least 1"),
         ("data.bad_threshold=2", "data.bad_threshold=2"),
         ("max_minutes=0", r"max_minutes=0(\.0)? must be positive"),
+        ("modality.head_channels=-4", r"modality.head_channels=-4 must be 0 \(no head\) or positive"),
         (
             "backbone.layout=diagonal",
             r"backbone.layout='diagonal' is not valid; choose one of \['full', 'factorized'\]",

@@ -40,10 +40,13 @@ def test_resumed_run_matches_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypat
         assert torch.equal(a, b)
 
 
-def test_sampling_from_a_checkpoint_is_deterministic(tiny_cfg):
-    result = trainer.train(tiny_cfg("steps=5"))
+# The second model has a convolutional head (backbones/heads.py) and is self-conditioned.
+@pytest.mark.parametrize("extra", [[], ["modality.head_channels=8", "modality.self_condition=true"]])
+def test_sampling_from_a_checkpoint_is_deterministic(tiny_cfg, extra):
+    result = trainer.train(tiny_cfg("steps=5", *extra))
     cfg, modality, model = load_model(result.run_dir / "checkpoints" / "last")
     assert cfg.modality.classes == ["circle", "square", "triangle", "diamond", "cross", "ring"]
+    assert any(name.startswith("head.") for name in model.state_dict()) == bool(extra)  # saved and loaded
 
     def draw(seed):
         from diffusion import build_process
@@ -56,6 +59,7 @@ def test_sampling_from_a_checkpoint_is_deterministic(tiny_cfg):
             steps=5,
             guidance=2.0,
             generator=torch.Generator().manual_seed(seed),
+            **modality.sample_options(model),
         )
 
     assert torch.equal(draw(0), draw(0))
