@@ -87,7 +87,7 @@ class ContinuousProcess:
         step instead of a third."""
         keep = (torch.rand(xt.shape[0], generator=generator, device=xt.device) < 0.5).nonzero().squeeze(1)
         estimate = torch.zeros_like(xt)
-        if len(keep):
+        if len(keep):  # no collective is skipped where a process keeps none: the DiT has no buffers for DDP to sync
             part = {key: value[keep] for key, value in cond.items()}
             part[SELF_COND] = torch.zeros_like(xt[keep])
             with torch.no_grad():
