@@ -4,7 +4,9 @@ Video evaluation (modalities/video_metrics.py) reads each frame through a window
 digit and resized for the MNIST classifier. Real test clips are perturbed the ways samples differ
 from data (an uneven faint haze, Gaussian noise, stray bright specks) and scored as samples are:
 per-frame label agreement, identity consistency, motion per frame, and how far the window's centre
-moved from where it is on the clean clip. Two ways of finding the digit are compared:
+moved from where it is on the clean clip. With --vae, real clips also go through that VAE and back
+(encode each frame to its latent mean, decode): what a latent video model's samples can score at
+best. Two ways of finding the digit are compared:
 
 - ink: `centroids`, what evaluation uses: pixels above a fifth of the frame's range, within the
   half-frame square that holds most of them;
@@ -12,6 +14,7 @@ moved from where it is on the clean clip. Two ways of finding the digit are comp
   2026-12-05 (kept here as the baseline).
 
     python bench/video_window.py --data data/mnist --clips 1000
+    python bench/video_window.py --data data/mnist --clips 1000 --vae runs/mmvae/checkpoints/last
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from einops import rearrange
 from omegaconf import OmegaConf
 
 from modalities.image_metrics import get_classifier
+from modalities.latents import LatentCodec
 from modalities.video import Video, VideoConfig
 from modalities.video_metrics import centroids, classify, displacements
 
@@ -43,8 +47,9 @@ def plain_centroids(frames: torch.Tensor, side: int | None = None) -> torch.Tens
 WINDOWS = {"ink": centroids, "plain": plain_centroids}
 
 
-def perturbations(seed: int) -> dict:
-    """name -> clips in [0, 1] -> perturbed clips in [0, 1], each with its own seeded noise."""
+def perturbations(seed: int, vae: str | None = None) -> dict:
+    """name -> clips in [0, 1] -> perturbed clips in [0, 1], each with its own seeded noise; with
+    `vae` (a diffusers AutoencoderKL folder) also the clips' round trip through it, frame by frame."""
 
     def noise(x):
         return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
@@ -52,13 +57,22 @@ def perturbations(seed: int) -> dict:
     def specks(x, share):
         return torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) < share
 
-    return {
+    table = {
         "clean": lambda x: x,
         "haze, abs N(0, 0.02)": lambda x: (x + noise(x).abs() * 0.02).clamp(0, 1),
         "haze, abs N(0, 0.05)": lambda x: (x + noise(x).abs() * 0.05).clamp(0, 1),
         "noise N(0, 0.1)": lambda x: (x + noise(x) * 0.1).clamp(0, 1),
         "specks, 1% of pixels white": lambda x: torch.maximum(x, specks(x, 0.01).float()),
     }
+    if vae:
+        codec = LatentCodec(vae)
+
+        def round_trip(x):  # in batches: a thousand 8-frame clips at once would hold gigabytes of activations
+            out = [codec.decode(codec.encode(part * 2 - 1)) for part in x.split(64)]
+            return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+        table[f"VAE round trip ({Path(vae).name})"] = round_trip
+    return table
 
 
 def real_clips(data: str, clips: int, frames: int, size: int):
@@ -76,12 +90,12 @@ def real_clips(data: str, clips: int, frames: int, size: int):
 
 
 @torch.no_grad()
-def window_table(data: str, clips: int = 1000, frames: int = 8, size: int = 32, seed: int = 0, device="cpu"):
+def window_table(data: str, clips: int = 1000, frames: int = 8, size: int = 32, seed: int = 0, device="cpu", vae=None):
     """One row per (perturbation, window): agreement, identity, motion and centre shift."""
     video, x, labels = real_clips(data, clips, frames, size)
     classifier, accuracy = get_classifier(video.frame_modality(), device)
     rows = []
-    for name, perturb in perturbations(seed).items():
+    for name, perturb in perturbations(seed, vae).items():
         noisy = perturb(x)
         for window, locate in WINDOWS.items():
             _, pred = classify(classifier, noisy, "moving_mnist", device, locate=locate)
@@ -109,8 +123,9 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", help="also score the clips after a round trip through this VAE folder")
     args = p.parse_args(argv)
-    accuracy, rows = window_table(args.data, args.clips, args.frames, args.size, args.seed)
+    accuracy, rows = window_table(args.data, args.clips, args.frames, args.size, args.seed, vae=args.vae)
     print(f"MNIST classifier: {accuracy:.2%} on the test digits; {args.clips} real test clips\n")
     print("| perturbation | window | per-frame agreement | identity consistency | motion px/frame | centre shift px |")
     print("|---|---|---|---|---|---|")

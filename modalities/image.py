@@ -3,14 +3,12 @@ labels, captions or both (modality.condition), saved as PNG grids."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from einops import rearrange
-from omegaconf import OmegaConf
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 from torchvision.utils import save_image
@@ -22,7 +20,7 @@ from modalities.image_adherence import evaluate_adherence
 from modalities.image_data import image_dataset, image_source
 from modalities.image_metrics import evaluate_images
 from modalities.latent_cache import LatentCache
-from modalities.latents import LATENT_MODES, LatentCodec, read_vae_config
+from modalities.latents import LATENT_MODES, load_codec, read_vae_config
 from modalities.prompts import TextEncoder
 
 
@@ -31,7 +29,7 @@ class ImageConfig(ModalityConfig):
     name: str = "image"
     process: str = "gaussian"
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    dataset: str = "shapes"  # shapes (built in) | mnist (idx files in data.path) | folder (data.path)
+    dataset: str = "shapes"  # shapes (built in) | mnist | moving_mnist (its frames) (idx files in data.path) | folder
     size: int = 32  # images are centre-cropped and resized to size x size
     channels: int | None = None  # None: 1 for mnist, 3 otherwise
     conditional: bool = True  # train and sample with a condition (modality.condition), for classifier-free guidance
@@ -98,7 +96,7 @@ class Image(Modality):
                 raise ValueError(f"modality.{key}={value!r}; choose one of {valid}")
         self.channels, self.background = image_source(cfg, self.data_path)
         self.cache_latents = bool(data is not None and data.get("cache_latents", False))
-        self.codec = self._codec() if cfg.space == "latent" else None
+        self.codec = load_codec(cfg) if cfg.space == "latent" else None
         if self.cache_latents and self.codec is None:
             raise ValueError("data.cache_latents=true caches VAE latents; it needs modality.space=latent")
         # x0: pixels, or latents of 1/factor the size with the VAE's channels
@@ -110,23 +108,6 @@ class Image(Modality):
         # what this model takes at sampling: label= (label models, refused with a reason by unconditional
         # ones) and prompt= (caption models); infer/ refuses the other naming these
         self.requests = (("label",) if self.labels or not captions else ()) + (("prompt",) if captions else ())
-
-    def _codec(self) -> LatentCodec:
-        """The frozen VAE of modality.vae, checked against the config a checkpoint recorded of it."""
-        if not self.cfg.vae:
-            raise ValueError(
-                "modality.space=latent needs modality.vae=<a diffusers AutoencoderKL folder> (a VAE run's "
-                "runs/<run>/checkpoints/last, or any local copy such as sd-vae-ft-mse)"
-            )
-        codec = LatentCodec(self.cfg.vae, self.cfg.latent)
-        if self.cfg.vae_config is not None:
-            recorded = json.dumps(OmegaConf.to_container(self.cfg.vae_config), sort_keys=True)
-            if json.dumps(read_vae_config(codec.folder), sort_keys=True) != recorded:
-                raise ValueError(
-                    f"the VAE in {codec.folder} is not the one this model was trained with (its config.json "
-                    "differs from modality.vae_config in the checkpoint's config.yaml); give the original VAE folder"
-                )
-        return codec
 
     def check(self, backbone):
         side = self.factor * backbone.patch  # pixels per token side

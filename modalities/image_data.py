@@ -294,24 +294,29 @@ class ImageFolder(Dataset):
 
 
 def image_dataset(cfg, split: str, data_path, channels: int, background, missing_caption: str = "empty"):
-    """The pixel data set that an image modality's config names (modality.dataset: shapes, mnist or
-    folder, at modality.size) for `split` ("train" or "test")."""
+    """The pixel data set that an image modality's config names (modality.dataset: shapes, mnist,
+    moving_mnist (single frames of it) or folder, at modality.size) for `split` ("train" or "test")."""
     if cfg.dataset == "shapes":
         n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
         return Shapes(n, cfg.size, channels, seed=0 if split == "train" else 1)
     if cfg.dataset == "mnist":
         return MNIST(data_path, split, cfg.size, channels, cfg.classes)
+    if cfg.dataset == "moving_mnist":
+        # imported here: video_data builds on this module (MNIST, the shapes)
+        from modalities.video_data import MovingMNISTFrames
+
+        return MovingMNISTFrames(data_path, split, cfg.size, channels, cfg.classes)
     root = Path(data_path)
     folder = root / split if (root / split).is_dir() else root
     return ImageFolder(folder, cfg.size, channels, background, cfg.classes, missing_caption)
 
 
-DATASETS = ("shapes", "mnist", "folder")
+DATASETS = ("shapes", "mnist", "moving_mnist", "folder")
 
 
 def image_source(cfg, data_path) -> tuple[int, tuple[int, int, int]]:
     """Check the image data keys of a modality config (dataset, data.path, background) and return
-    (channels, background RGB): channels is modality.channels, else 1 for mnist and 3 otherwise."""
+    (channels, background RGB): channels is modality.channels, else 1 for the MNIST sets and 3 otherwise."""
     if cfg.dataset not in DATASETS:
         raise ValueError(f"modality.dataset={cfg.dataset!r}; choose one of {DATASETS}")
     if cfg.dataset != "shapes" and not data_path:
@@ -322,4 +327,4 @@ def image_source(cfg, data_path) -> tuple[int, tuple[int, int, int]]:
         raise ValueError(
             f"modality.background={cfg.background!r} is not a colour; use a name (white, black) or #rrggbb"
         ) from None
-    return cfg.channels or (1 if cfg.dataset == "mnist" else 3), background
+    return cfg.channels or (1 if cfg.dataset in ("mnist", "moving_mnist") else 3), background

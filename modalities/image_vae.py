@@ -36,7 +36,7 @@ from modalities.image_data import image_dataset, image_source
 @dataclass
 class ImageVAEConfig:
     name: str = "image_vae"
-    dataset: str = "shapes"  # shapes (built in) | mnist (idx files in data.path) | folder (data.path)
+    dataset: str = "shapes"  # shapes (built in) | mnist | moving_mnist (its frames) (idx files in data.path) | folder
     size: int = 32
     channels: int | None = None  # None: 1 for mnist, 3 otherwise
     shapes_items: int = 20000

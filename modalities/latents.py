@@ -4,7 +4,8 @@
 The VAE is diffusers' AutoencoderKL, loaded from any local diffusers-format folder
 (`config.json` + `diffusion_pytorch_model.safetensors`, as `save_pretrained` writes it): a VAE that
 polydiff trained (`modality=image_vae`) or a copy of a Stable Diffusion VAE. Nothing is downloaded.
-Images go through it one (B, C, H, W) batch at a time, so video can use it frame by frame.
+Images go through it as (B, C, H, W) batches; clips (B, C, T, H, W) frame by frame, as Latte and
+Open-Sora put video through Stable Diffusion's image VAE.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from einops import rearrange
+from omegaconf import OmegaConf
 
 LATENT_MODES = ("mean", "sample")
 # Config entries that say who wrote the folder, not what the VAE computes: ignored when a
@@ -48,6 +51,33 @@ def read_vae_config(path) -> dict:
     return {k: v for k, v in config.items() if k not in PROVENANCE}
 
 
+def frame_by_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn over the frames of clips (B, C, T, H, W), or over images (B, C, H, W) as they are."""
+    if x.dim() != 5:
+        return fn(x)
+    out = fn(rearrange(x, "b c t h w -> (b t) c h w"))
+    return rearrange(out, "(b t) c h w -> b c t h w", b=x.shape[0])
+
+
+def load_codec(cfg) -> LatentCodec:
+    """The frozen VAE that a latent modality's config names (modality.vae, modality.latent), checked
+    against the config of it that a checkpoint recorded (modality.vae_config) when there is one."""
+    if not cfg.vae:
+        raise ValueError(
+            "modality.space=latent needs modality.vae=<a diffusers AutoencoderKL folder> (a VAE run's "
+            "runs/<run>/checkpoints/last, or any local copy such as sd-vae-ft-mse)"
+        )
+    codec = LatentCodec(cfg.vae, cfg.latent)
+    if cfg.vae_config is not None:
+        recorded = json.dumps(OmegaConf.to_container(cfg.vae_config), sort_keys=True)
+        if json.dumps(read_vae_config(codec.folder), sort_keys=True) != recorded:
+            raise ValueError(
+                f"the VAE in {codec.folder} is not the one this model was trained with (its config.json "
+                "differs from modality.vae_config in the checkpoint's config.yaml); give the original VAE folder"
+            )
+    return codec
+
+
 class LatentCodec:
     """Pixels in [-1, 1] <-> scaled latents with (about) unit variance, through a frozen AutoencoderKL.
 
@@ -78,12 +108,13 @@ class LatentCodec:
     @torch.no_grad()
     def moments(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixels in [-1, 1] -> (B, 2 c, H/f, W/f) posterior mean and log-variance,
-        unscaled: what the latent cache stores, so that mode=sample still draws fresh noise."""
+        unscaled: what the latent cache stores, so that mode=sample still draws fresh noise. Clips
+        (B, C, T, H, W) -> (B, 2 c, T, H/f, W/f), frame by frame."""
         self.to(x.device)
-        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.parameters.float()
+        return frame_by_frame(lambda f: self.vae.encode(f.to(self.vae.dtype)).latent_dist.parameters.float(), x)
 
     def latents(self, moments: torch.Tensor, generator=None) -> torch.Tensor:
-        """Posterior moments (from `moments`) -> scaled latents z (B, c, H/f, W/f)."""
+        """Posterior moments (from `moments`) -> scaled latents z (B, c, [T,] H/f, W/f)."""
         posterior = DiagonalGaussianDistribution(moments)
         z = posterior.mean if self.mode == "mean" else posterior.sample(generator)
         return (z - self.shift) * self.scale
@@ -94,9 +125,11 @@ class LatentCodec:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, c, h, w) -> pixels (B, C, h f, w f), about [-1, 1] (not clamped)."""
+        """Scaled latents (B, c, h, w) -> pixels (B, C, h f, w f), about [-1, 1] (not clamped); clips
+        (B, c, T, h, w) -> (B, C, T, h f, w f), frame by frame."""
         self.to(z.device)
-        return self.vae.decode((z / self.scale + self.shift).to(self.vae.dtype)).sample.float()
+        unscaled = z / self.scale + self.shift
+        return frame_by_frame(lambda f: self.vae.decode(f.to(self.vae.dtype)).sample.float(), unscaled)
 
     def fingerprint(self) -> str:
         """A hash of the VAE's weights and config: what a latent cache is keyed on."""

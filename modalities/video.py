@@ -1,11 +1,13 @@
-"""Video in pixel space: a whole clip is one spatiotemporal tensor (B, C, T, H, W) in [-1, 1],
-cut into tubelet tokens with (t, h, w) grid positions, so the DiT denoises every frame together
-(as Latte and Open-Sora do); saved as H.264 MP4s plus a PNG strip."""
+"""Video: a whole clip is one spatiotemporal tensor (B, C, T, H, W), pixels in [-1, 1] or the
+latents of a frozen image VAE taken frame by frame (modality.space, as Latte and Open-Sora put clips
+through Stable Diffusion's VAE), cut into tubelet tokens with (t, h, w) grid positions, so the DiT
+denoises every frame together; saved as H.264 MP4s plus a PNG strip."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -16,6 +18,7 @@ from torchvision.utils import save_image
 from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_cond
 from modalities.image import Image
 from modalities.image_data import to_tensor
+from modalities.latents import LATENT_MODES, load_codec, read_vae_config
 from modalities.media import write_video
 from modalities.video_data import MovingMNIST, MovingShapes, VideoFolder
 from modalities.video_metrics import evaluate_videos
@@ -40,6 +43,10 @@ class VideoConfig(ModalityConfig):
     classes: list[str] | None = None  # filled from the data at the start of training
     head_channels: int = 0  # 0: linear read-out; F > 0: F values per pixel, then a convolutional head
     self_condition: bool = False  # the network also sees its previous x0 estimate (Chen et al. 2023)
+    space: str = "pixel"  # pixel | latent (the DiT models the frames' latents of the VAE in modality.vae)
+    vae: str | None = None  # space=latent: a diffusers AutoencoderKL folder (e.g. a VAE run's checkpoints/last)
+    latent: str = "mean"  # space=latent: encode to the posterior mean | a posterior sample
+    vae_config: dict[str, Any] | None = None  # filled at the start of training; checked when the VAE is loaded
 
 
 class Video(Modality):
@@ -50,6 +57,7 @@ class Video(Modality):
     grid_axes = 3
     requests = ("label", "first_frame")
     DATASETS = ("shapes", "moving_mnist", "folder")
+    SPACES = ("pixel", "latent")
     STRIP_COLUMNS = 16  # a strip shows at most this many frames per clip (every k-th of longer clips)
 
     def __init__(self, cfg, patch: int, data=None):
@@ -60,8 +68,19 @@ class Video(Modality):
             raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
         if cfg.digits not in (1, 2):
             raise ValueError(f"modality.digits={cfg.digits}; choose 1 or 2")
+        for key, value, valid in [("space", cfg.space, self.SPACES), ("latent", cfg.latent, LATENT_MODES)]:
+            if value not in valid:
+                raise ValueError(f"modality.{key}={value!r}; choose one of {valid}")
+        if data is not None and data.get("cache_latents", False):
+            raise ValueError(
+                "data.cache_latents=true caches latent images; video encodes each batch's frames as it trains"
+            )
         self.channels = cfg.channels or (1 if cfg.dataset == "moving_mnist" else 3)
         self.tubelet = cfg.tubelet
+        self.codec = load_codec(cfg) if cfg.space == "latent" else None
+        # x0: pixels, or per frame latents of 1/factor the side with the VAE's channels
+        self.x_channels = self.codec.channels if self.codec else self.channels
+        self.factor = self.codec.factor if self.codec else 1
 
     def check(self, backbone):
         cfg = self.cfg
@@ -71,11 +90,13 @@ class Video(Modality):
                 f"modality.tubelet={cfg.tubelet} does not divide modality.frames={cfg.frames}; "
                 f"use modality.tubelet in {ok} or modality.frames={max(1, cfg.frames // cfg.tubelet) * cfg.tubelet}"
             )
-        if cfg.size % backbone.patch:
-            ok = [p for p in (1, 2, 4, 8) if cfg.size % p == 0]
+        side = self.factor * backbone.patch  # pixels per token side
+        if cfg.size % side:
+            ok = [p for p in (1, 2, 4, 8) if cfg.size % (self.factor * p) == 0]
+            through = f" (through the VAE's {self.factor}x downsampling)" if self.factor > 1 else ""
             raise ValueError(
-                f"backbone.patch={backbone.patch} does not divide modality.size={cfg.size}; "
-                f"use backbone.patch in {ok} or a modality.size divisible by {backbone.patch}"
+                f"backbone.patch={backbone.patch}{through} does not divide modality.size={cfg.size}; "
+                f"use backbone.patch in {ok} or a modality.size divisible by {side}"
             )
 
     def dataset(self, split: str):
@@ -103,13 +124,25 @@ class Video(Modality):
         return Image(OmegaConf.structured(cfg), self.patch, data)
 
     def resolve(self, train_set) -> dict:
-        return {"classes": list(train_set.classes), "channels": self.channels}
+        facts = {"classes": list(train_set.classes), "channels": self.channels}
+        if self.codec:  # where the VAE is and what it is, so that sampling finds and checks it
+            facts.update(vae=str(self.codec.folder.resolve()), vae_config=read_vae_config(self.codec.folder))
+        return facts
 
     def cond(self, batch):
         return {"label": batch["label"]} if self.cfg.conditional else {}
 
+    def encode(self, batch, generator=None):
+        """Pixel clips, or their frames' scaled VAE latents (B, c, T, H/f, W/f)."""
+        return self.codec.encode(batch["x"], generator) if self.codec else batch["x"]
+
+    def loss(self, process, model, batch, cond, generator=None):
+        # encode draws from the checkpointed generator too (modality.latent=sample): exact resume
+        return self.denoising_loss(process, model, self.encode(batch, generator), cond, generator)
+
     def decode(self, x0, model=None, **request):
-        return ((x0.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, T, H, W) in [0, 1]
+        x = self.codec.decode(x0) if self.codec else x0
+        return ((x.float().clamp(-1, 1) + 1) / 2).cpu()  # (B, C, T, H, W) in [0, 1]
 
     def save(self, samples, path, **request):
         """Each clip as `<path>-<i>.mp4` at modality.fps, and `<path>.png`: one row per clip,
@@ -127,11 +160,11 @@ class Video(Modality):
         return str(path.with_suffix(".png"))
 
     def conv_head(self):
-        return (self.cfg.head_channels, self.channels) if self.cfg.head_channels else None
+        return (self.cfg.head_channels, self.x_channels) if self.cfg.head_channels else None
 
     def backbone_kwargs(self):
-        dim = self.tubelet * self.patch * self.patch * self.channels
-        out = self.tubelet * self.patch * self.patch * (self.cfg.head_channels or self.channels)
+        dim = self.tubelet * self.patch * self.patch * self.x_channels
+        out = self.tubelet * self.patch * self.patch * (self.cfg.head_channels or self.x_channels)
         inputs = dim * (2 if self.cfg.self_condition else 1)  # x_t [, the previous x0 estimate]
         return {"in_dim": inputs, "out_dim": out, "num_classes": len(self.classes) if self.cfg.conditional else 0}
 
@@ -148,7 +181,8 @@ class Video(Modality):
         return rearrange(tokens, "b (t h w) (pt p1 p2 c) -> b c (t pt) (h p1) (w p2)", t=t, h=h, w=w, pt=pt, p1=p, p2=p)
 
     def sample_shape(self, n):
-        return (n, self.channels, self.cfg.frames, self.cfg.size, self.cfg.size)
+        side = self.cfg.size // self.factor
+        return (n, self.x_channels, self.cfg.frames, side, side)
 
     def sample_cond(self, n, device, label=None, **request):
         return label_cond(self.cfg, self.classes if self.cfg.conditional else [], n, device, label)
@@ -157,7 +191,8 @@ class Video(Modality):
         """first_frame=<image file>: image-to-video. The image, centre-cropped and resized like the
         training frames, replaces frame 0 of the x0 estimate at every step (the replacement
         method of inpainting, Lugmayr et al. 2022 without resampling), so the clip is generated
-        around it and its frame 0 is exactly the given image."""
+        around it and its frame 0 is exactly the given image (in latent space: the VAE's latent of
+        it, so frame 0 is the VAE's reconstruction of the image)."""
         options = super().sample_options(model)
         if first_frame is None:
             return options
@@ -167,6 +202,8 @@ class Video(Modality):
                 frame = to_tensor(image, self.cfg.size, self.channels)  # (C, H, W) in [-1, 1]
         except OSError as e:
             raise ValueError(f"first_frame={first_frame}: cannot read as an image ({e})") from e
+        if self.codec:
+            frame = self.codec.encode(frame[None])[0]  # (c, H/f, W/f)
 
         def hold_first_frame(x0_hat, progress):
             x0_hat = x0_hat.clone()

@@ -118,6 +118,23 @@ class MovingMNIST(Dataset):
         return {"x": x, "label": int(self.mnist.labels[i])}  # (C, T, H, W)
 
 
+class MovingMNISTFrames(Dataset):
+    """Single frames of Moving MNIST as images (C, H, W): digit i of the split at the random place
+    where clip i starts. The frames a video VAE learns to encode (modality=image_vae
+    modality.dataset=moving_mnist): every place on the canvas, as frames of moving clips cover it."""
+
+    def __init__(self, root, split: str, size: int, channels: int = 1, classes=None):
+        self.clips = MovingMNIST(root, split, 1, size, channels, classes=classes)
+        self.classes = self.clips.classes
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        item = self.clips[i]
+        return {"x": item["x"][:, 0], "label": item["label"]}  # (C, H, W)
+
+
 def cache_dir() -> Path:
     """Where indexes and trained classifiers are kept: $POLYDIFF_CACHE, else ~/.cache/polydiff."""
     return Path(os.environ.get("POLYDIFF_CACHE") or Path.home() / ".cache" / "polydiff")

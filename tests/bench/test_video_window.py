@@ -35,3 +35,15 @@ def test_the_ink_window_holds_where_the_plain_centroid_drifts(mnist, capsys):
     video_window.main(["--data", str(mnist), "--clips", "8", "--frames", "4"])
     table = capsys.readouterr().out.splitlines()
     assert table[2].startswith("| perturbation | window |") and len(table) == 4 + 2 * 5
+
+
+def test_vae_round_trip_adds_its_rows(mnist, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(
+        in_channels=1, out_channels=1, block_out_channels=(8,), norm_num_groups=4, latent_channels=2
+    ).save_pretrained(tmp_path / "vae")
+    _, rows = video_window.window_table(str(mnist), clips=4, frames=4, size=32, vae=str(tmp_path / "vae"))
+    trips = [r for r in rows if r["perturbation"] == "VAE round trip (vae)"]
+    assert [r["window"] for r in trips] == ["ink", "plain"]
+    assert trips[0]["centre_shift"] > 0  # an untrained VAE does not give the clip back

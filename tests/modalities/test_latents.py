@@ -1,11 +1,14 @@
-"""Latent images: any diffusers AutoencoderKL folder through polydiff, the latent DiT, its checkpoint."""
+"""Latent images and clips: any diffusers AutoencoderKL folder through polydiff, the latent DiT, its
+checkpoint; clips through the image VAE frame by frame."""
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
+from PIL import Image as PILImage
 
 from modalities.image import Image, ImageConfig
 from modalities.image_data import Shapes
@@ -88,3 +91,50 @@ def test_latent_dit_trains_and_its_checkpoint_names_a_moved_vae(tiny_cfg, tmp_pa
     tiny_vae(tmp_path / "vae", seed=1, scaling_factor=0.7)  # another VAE in its place is refused too
     with pytest.raises(ValueError, match="is not the one this model was trained with"):
         load_model(ckpt)
+
+
+def test_latent_video_goes_through_the_vae_frame_by_frame(tmp_path):
+    from modalities.video import Video, VideoConfig
+
+    tiny_vae(tmp_path / "vae")
+    keys = {"frames": 3, "size": 16, "classes": ["a"], "space": "latent", "vae": str(tmp_path / "vae")}
+    video = Video(OmegaConf.merge(OmegaConf.structured(VideoConfig), keys), patch=2)
+    clips = torch.rand(2, 3, 3, 16, 16) * 2 - 1  # (B, C, T, H, W)
+    z = video.encode({"x": clips})
+    assert z.shape == (2, 4, 3, 8, 8) == video.sample_shape(2)
+    for t in range(3):  # each frame's latent is the image VAE's latent of that frame alone
+        torch.testing.assert_close(z[:, :, t], video.codec.encode(clips[:, :, t]))
+    pixels = video.decode(z)
+    assert pixels.shape == (2, 3, 3, 16, 16)
+    torch.testing.assert_close(pixels[:, :, 1], ((video.codec.decode(z[:, :, 1]).clamp(-1, 1) + 1) / 2))
+    assert video.backbone_kwargs()["in_dim"] == 1 * 2 * 2 * 4  # tubelet x patch x patch x latent channels
+    with pytest.raises(ValueError, match="backbone.patch=16 \\(through the VAE's 2x downsampling\\)"):
+        video.check(OmegaConf.create({"patch": 16}))
+    # first_frame holds the given image's latent in frame 0
+    PILImage.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8)).save(tmp_path / "f.png")
+    hook = video.sample_options(first_frame=str(tmp_path / "f.png"))["x0_hook"]
+    held = hook(torch.zeros(1, 4, 3, 8, 8), 0.5)
+    frame = torch.full((1, 3, 16, 16), 200 / 255 * 2 - 1)
+    torch.testing.assert_close(held[0, :, 0], video.codec.encode(frame)[0], atol=1e-3, rtol=1e-3)
+    assert held[0, :, 1:].abs().max() == 0
+    with pytest.raises(ValueError, match="data.cache_latents=true caches latent images"):
+        Video(video.cfg, patch=2, data=OmegaConf.create({"path": None, "bad_threshold": 0.01, "cache_latents": True}))
+
+
+def test_latent_video_model_trains_and_records_its_vae(tiny_cfg, tmp_path):
+    import train.train as trainer
+    from train.checkpoint import load_model
+
+    tiny_vae(tmp_path / "vae")
+    result = trainer.train(
+        tiny_cfg(
+            "modality=video", "modality.frames=4", "modality.size=16", "steps=60", "log_every=20",
+            "modality.space=latent", f"modality.vae={tmp_path / 'vae'}",
+        )
+    )  # fmt: skip
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert last < 0.6 * first, result.losses
+    ckpt = result.run_dir / "checkpoints" / "last"
+    assert OmegaConf.load(ckpt / "config.yaml").modality.vae == str((tmp_path / "vae").resolve())
+    _, modality, _ = load_model(ckpt)
+    assert modality.decode(torch.zeros(modality.sample_shape(1))).shape == (1, 3, 4, 16, 16)

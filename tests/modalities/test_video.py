@@ -15,7 +15,7 @@ import train.train as trainer
 from diffusion import build_process
 from diffusion.samplers import SAMPLERS
 from modalities.data import BadDataTracker, Tolerant, collate
-from modalities.image_data import to_tensor
+from modalities.image_data import image_dataset, to_tensor
 from modalities.media import read_video, write_video
 from modalities.video import Video, VideoConfig
 from modalities.video_data import VideoFolder
@@ -194,6 +194,12 @@ def test_moving_mnist_clips_keep_the_digit_and_move_at_the_set_speed(tmp_path):
         steps = displacements((item["x"][None] + 1) / 2)[0]
         assert (steps - 3.0).abs().median() < 0.75, steps  # bounces shorten a step, rounding moves 0.5 px
     assert torch.equal(data[3]["x"], video.dataset("test")[3]["x"])
+    # image modalities (a video VAE's training, modality=image_vae) take single frames: where clip i starts
+    frames = image_dataset(
+        OmegaConf.create({"dataset": "moving_mnist", "size": 32, "classes": None}), "test", tmp_path, 1, None
+    )
+    assert frames[4]["x"].shape == (1, 32, 32) and frames[4]["label"] == 5
+    assert torch.equal(frames[4]["x"], data[4]["x"][:, 0])
 
 
 def test_the_digit_window_ignores_faint_haze_and_stray_specks():
