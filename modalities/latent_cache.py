@@ -4,7 +4,7 @@ batch.
 
     <cache>/latents-<data key>/
         key.json                    what the latents were made from: data, VAE weights, size
-        shard_00000.safetensors     "moments" (n, 2c, h, w) posterior mean and log-variance, "label" (n,)
+        shard_00000.safetensors     "moments" (n, 2c, [T,] h, w) posterior mean and log-variance, "label" (n,)
         captions.json               the items' captions, in order
         skipped.json                items that could not be read while encoding ("path: reason")
 
@@ -86,7 +86,7 @@ class LatentCache(Dataset):
             if b["n"]:
                 moments.append(codec.moments(b["x"].to(device)).cpu())
                 labels.append(b["label"])
-                captions += list(b["caption"])
+                captions += list(b["caption"]) if "caption" in b else [""] * b["n"]  # video items have none
         moments, labels = torch.cat(moments), torch.cat(labels)
         for i, start in enumerate(range(0, len(labels), SHARD)):
             shard = {"moments": moments[start : start + SHARD], "label": labels[start : start + SHARD]}

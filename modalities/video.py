@@ -18,6 +18,7 @@ from torchvision.utils import save_image
 from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_cond
 from modalities.image import Image
 from modalities.image_data import to_tensor
+from modalities.latent_cache import LatentCache
 from modalities.latents import LATENT_MODES, load_codec, read_vae_config
 from modalities.media import write_video
 from modalities.video_data import MovingMNIST, MovingShapes, VideoFolder
@@ -71,13 +72,12 @@ class Video(Modality):
         for key, value, valid in [("space", cfg.space, self.SPACES), ("latent", cfg.latent, LATENT_MODES)]:
             if value not in valid:
                 raise ValueError(f"modality.{key}={value!r}; choose one of {valid}")
-        if data is not None and data.get("cache_latents", False):
-            raise ValueError(
-                "data.cache_latents=true caches latent images; video encodes each batch's frames as it trains"
-            )
         self.channels = cfg.channels or (1 if cfg.dataset == "moving_mnist" else 3)
         self.tubelet = cfg.tubelet
         self.codec = load_codec(cfg) if cfg.space == "latent" else None
+        self.cache_latents = bool(data is not None and data.get("cache_latents", False))
+        if self.cache_latents and self.codec is None:
+            raise ValueError("data.cache_latents=true caches VAE latents; it needs modality.space=latent")
         # x0: pixels, or per frame latents of 1/factor the side with the VAE's channels
         self.x_channels = self.codec.channels if self.codec else self.channels
         self.factor = self.codec.factor if self.codec else 1
@@ -100,6 +100,17 @@ class Video(Modality):
             )
 
     def dataset(self, split: str):
+        """The clips, or with data.cache_latents their frames' latents encoded once (LatentCache)."""
+        clips = self.pixels(split)
+        if not self.cache_latents:
+            return clips
+        identity = {"dataset": self.cfg.dataset, "frames": self.cfg.frames, "size": self.cfg.size, "split": split}
+        identity["path"] = self.data_path and str(Path(self.data_path).resolve())
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return LatentCache(clips, self.codec, identity, device)
+
+    def pixels(self, split: str):
+        """The pixel clips of `split`, as the data config names them."""
         cfg = self.cfg
         if cfg.dataset == "shapes":
             n = cfg.shapes_items if split == "train" else max(1, cfg.shapes_items // 10)
@@ -133,8 +144,12 @@ class Video(Modality):
         return {"label": batch["label"]} if self.cfg.conditional else {}
 
     def encode(self, batch, generator=None):
-        """Pixel clips, or their frames' scaled VAE latents (B, c, T, H/f, W/f)."""
-        return self.codec.encode(batch["x"], generator) if self.codec else batch["x"]
+        """Pixel clips, or their frames' scaled VAE latents (B, c, T, H/f, W/f), from the latent cache's
+        moments when it is on."""
+        if self.codec is None:
+            return batch["x"]
+        moments = batch["moments"] if "moments" in batch else self.codec.moments(batch["x"])
+        return self.codec.latents(moments, generator)
 
     def loss(self, process, model, batch, cond, generator=None):
         # encode draws from the checkpointed generator too (modality.latent=sample): exact resume

@@ -52,6 +52,10 @@ class MovingShapes(Dataset):
     def __init__(self, n: int, frames: int, size: int, channels: int = 3, seed: int = 0, speed: float = 0.06):
         self.n, self.frames, self.size, self.channels, self.seed, self.speed = n, frames, size, channels, seed, speed
 
+    def fingerprint(self) -> str:
+        """What identifies the clips (caches key on it): drawn from these numbers alone."""
+        return f"moving-shapes-v1-{self.n}-{self.frames}-{self.size}-{self.channels}-{self.seed}-{self.speed}"
+
     def __len__(self):
         return self.n
 
@@ -85,6 +89,11 @@ class MovingMNIST(Dataset):
         self.frames, self.size, self.channels, self.digits, self.speed = frames, size, channels, digits, speed
         self.seed = 0 if split == "train" else 1
         self.side = size // 2
+
+    def fingerprint(self) -> str:
+        """The digits' fingerprint and the numbers that place and move them (caches key on it)."""
+        shape = [self.frames, self.size, self.channels, self.digits, self.speed, self.seed]
+        return f"moving-mnist-v1-{self.mnist.fingerprint()}-" + "-".join(map(str, shape))
 
     def __len__(self):
         return len(self.mnist)
@@ -185,6 +194,13 @@ class VideoFolder(Dataset):
                 self.items += [(path, label, times[s]) for s in range(0, len(times) - span + 1, span)]
         if not self.items:
             raise ValueError(f"video folder {root} holds no usable clips; skipped: {self.skipped[:5]}")
+        entries = [(str(path), index[str(path.resolve())]) for path, _ in files]
+        self.stamps = [(path, entry.get("size"), entry.get("mtime")) for path, entry in entries]
+
+    def fingerprint(self) -> str:
+        """A hash of every file's path, size and modification time and of the clip shape (caches key on it)."""
+        shape = [self.classes, self.frames, self.size, self.channels, self.stride]
+        return hashlib.sha256(json.dumps([self.stamps, shape]).encode()).hexdigest()[:16]
 
     @staticmethod
     def index(root: Path, paths: list[Path]) -> dict:

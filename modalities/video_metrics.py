@@ -109,7 +109,7 @@ def evaluate_videos(modality, model, process, args, device) -> dict:
             labels.append(label.cpu())
     preds, moves = torch.cat(preds), torch.cat(moves)
 
-    test = modality.dataset("test")
+    test = modality.pixels("test")  # pixels, never the latent cache
     items = [test[i] for i in range(min(len(test), MAX_REFERENCE))]
     real = torch.stack([(item["x"] + 1) / 2 for item in items])
     real_feats, real_preds = classify(classifier, real, dataset, device)

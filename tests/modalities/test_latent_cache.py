@@ -78,3 +78,28 @@ def test_changed_files_rebuild_the_cache_naming_the_data(tmp_path, cache, capsys
     changed = LatentCache(ImageFolder(str(images), 8), codec, where)
     assert "was made with other data; rebuilding it" in capsys.readouterr().out
     assert not torch.allclose(changed[1]["moments"], first[1]["moments"])
+
+
+def test_video_latents_are_cached_frame_by_frame_and_train_as_encoded_on_the_fly(tiny_cfg, tmp_path, cache, capsys):
+    from safetensors.torch import load_file
+
+    from modalities.video_data import MovingShapes
+
+    tiny_vae(tmp_path / "vae")
+    latent = [
+        "modality=video", "modality.frames=4", "modality.shapes_items=32", "steps=4", "modality.space=latent",
+        f"modality.vae={tmp_path / 'vae'}",
+    ]  # fmt: skip
+    plain = trainer.train(tiny_cfg(*latent, "name=plain"))
+    cached = trainer.train(tiny_cfg(*latent, "data.cache_latents=true", "name=cached"))
+    assert "latent cache: encoding 32 items" in capsys.readouterr().out
+    for (_, a), (_, b) in zip(cached.losses, plain.losses, strict=True):
+        assert a == pytest.approx(b, rel=3e-3), (cached.losses, plain.losses)
+    (folder,) = cache.glob("latents-*")
+    shapes = MovingShapes(32, 4, 16, speed=2.0 / 16)  # as modality.speed=2 pixels per frame makes them
+    clips = torch.stack([shapes[i]["x"] for i in range(2)])  # (2, 3, 4, 16, 16)
+    stored = load_file(folder / "shard_00000.safetensors")["moments"][:2]
+    assert stored.shape == (2, 8, 4, 8, 8)  # mean and log-variance of 4 channels, for each of 4 frames
+    torch.testing.assert_close(stored, LatentCodec(tmp_path / "vae").moments(clips), atol=1e-5, rtol=1e-4)
+    trainer.train(tiny_cfg(*latent, "data.cache_latents=true", "modality.speed=3.0", "name=faster"))
+    assert "was made with other data; rebuilding it" in capsys.readouterr().out  # other clips, another key
