@@ -189,5 +189,5 @@ class ImageVAE(Modality):
         model.vae.save_pretrained(folder)
         print(
             f"latents: scaling_factor {scale:.4f}, shift_factor {shift:.4f}; VAE saved to {folder} (diffusers "
-            f"format): train a latent DiT with modality=image modality.space=latent modality.vae={last}"
+            f"format): train a latent DiT with modality=image (or video) modality.space=latent modality.vae={last}"
         )
