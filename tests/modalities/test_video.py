@@ -75,7 +75,10 @@ def test_corrupt_and_too_short_files_are_skipped_and_counted(tmp_path):
     assert len(data.skipped) == 3
     assert "short.mp4: 3 decodable frames, a clip needs 6" in reasons and "corrupt.mp4: cannot decode" in reasons
     assert "notes.txt: not a video file extension" in reasons
+    key = data.fingerprint()  # what a latent cache of these clips is keyed on
+    assert VideoFolder(root, frames=6, size=8).fingerprint() == key != VideoFolder(root, frames=4, size=8).fingerprint()
     (root / "dog" / "later_truncated.mp4").write_bytes(b"junk")  # broken after indexing: skipped at read time
+    assert VideoFolder(root, frames=6, size=8).fingerprint() != key  # its size changed
     tolerant = Tolerant(data)
     tracker = BadDataTracker(threshold=0.9)
     tracker.add(0, tolerant.skipped, verbose=False)
