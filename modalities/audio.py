@@ -147,7 +147,7 @@ class Audio(Modality):
         std = torch.tensor(list(self.cfg.mel_std), device=device)[:, None]
         return mean, std  # (n_mels, 1) each
 
-    def encode(self, batch):
+    def encode(self, batch, generator=None):
         """{"x": (B, samples) waveforms} -> x0 (B, 1, n_mels, frames), the log-mel normalised per mel bin."""
         mean, std = self._stats(batch["x"].device)
         return ((self.log_mel(batch["x"]) - mean) / std).unsqueeze(1)

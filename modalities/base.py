@@ -109,8 +109,9 @@ class Modality:
     def check(self, backbone) -> None:
         """Reject impossible shapes (patch vs. input size...) before any data is loaded."""
 
-    def encode(self, batch) -> torch.Tensor:
-        """Raw batch (already on device) -> x0 in the diffusion space."""
+    def encode(self, batch, generator=None) -> torch.Tensor:
+        """Raw batch (already on device) -> x0 in the diffusion space. `generator` is the trainer's
+        checkpointed one, for encoders that draw (a VAE posterior sample): resume stays exact."""
         return batch["x"]
 
     def cond(self, batch) -> dict:
@@ -172,7 +173,7 @@ class Modality:
         condition dropout. Default: the process's denoising loss on encode(batch), self-conditioned
         where self_conditioning(); a modality whose objective has terms of its own (a rounding loss, a
         reconstruction loss) overrides this."""
-        return self.denoising_loss(process, model, self.encode(batch), cond, generator)
+        return self.denoising_loss(process, model, self.encode(batch, generator), cond, generator)
 
     def denoising_loss(self, process, model, x0, cond: dict, generator=None) -> torch.Tensor:
         """The process's loss on x0 through model_fn, with self-conditioning where it is on."""

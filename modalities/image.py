@@ -20,7 +20,7 @@ from modalities.image_adherence import evaluate_adherence
 from modalities.image_data import image_dataset, image_source
 from modalities.image_metrics import evaluate_images
 from modalities.latent_cache import LatentCache
-from modalities.latents import LATENT_MODES, load_codec, read_vae_config
+from modalities.latents import LATENT_MODES, batch_x0, check_patch, load_codec
 from modalities.prompts import TextEncoder
 
 
@@ -110,14 +110,7 @@ class Image(Modality):
         self.requests = (("label",) if self.labels or not captions else ()) + (("prompt",) if captions else ())
 
     def check(self, backbone):
-        side = self.factor * backbone.patch  # pixels per token side
-        if self.cfg.size % side:
-            ok = [p for p in (1, 2, 4, 8) if self.cfg.size % (self.factor * p) == 0]
-            through = f" (through the VAE's {self.factor}x downsampling)" if self.factor > 1 else ""
-            raise ValueError(
-                f"backbone.patch={backbone.patch}{through} does not divide modality.size={self.cfg.size}; "
-                f"use backbone.patch in {ok} or a modality.size divisible by {side}"
-            )
+        check_patch(self.cfg.size, backbone.patch, self.factor)
 
     def pixels(self, split: str):
         """The pixel data set of `split`, as the data config names it."""
@@ -152,7 +145,7 @@ class Image(Modality):
             )
         facts = {"classes": list(train_set.classes), "channels": self.channels}
         if self.codec:  # where the VAE is and what it is, so that sampling finds and checks it
-            facts.update(vae=str(self.codec.folder.resolve()), vae_config=read_vae_config(self.codec.folder))
+            facts.update(self.codec.record())
         if self.text:
             seen = [train_set[i]["caption"] for i in range(min(len(train_set), 64))]
             facts["prompts"] = list(dict.fromkeys(c for c in seen if c))[:4] or [""]
@@ -166,14 +159,7 @@ class Image(Modality):
 
     def encode(self, batch, generator=None):
         """Pixels, or their scaled VAE latents (from the latent cache's moments when it is on)."""
-        if self.codec is None:
-            return batch["x"]
-        moments = batch["moments"] if "moments" in batch else self.codec.moments(batch["x"])
-        return self.codec.latents(moments, generator)
-
-    def loss(self, process, model, batch, cond, generator=None):
-        # encode draws from the checkpointed generator too (modality.latent=sample): exact resume
-        return self.denoising_loss(process, model, self.encode(batch, generator), cond, generator)
+        return batch_x0(self.codec, batch, generator)
 
     def decode(self, x0, model=None, **request):
         x = self.codec.decode(x0) if self.codec else x0

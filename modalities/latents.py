@@ -59,6 +59,28 @@ def frame_by_frame(fn, x: torch.Tensor) -> torch.Tensor:
     return rearrange(out, "(b t) c h w -> b c t h w", b=x.shape[0])
 
 
+def check_patch(size: int, patch: int, factor: int = 1):
+    """Reject a backbone.patch that does not tile a modality.size side, through a VAE's `factor`x
+    downsampling when there is one (images and video frames)."""
+    side = factor * patch  # pixels per token side
+    if size % side:
+        ok = [p for p in (1, 2, 4, 8) if size % (factor * p) == 0]
+        through = f" (through the VAE's {factor}x downsampling)" if factor > 1 else ""
+        raise ValueError(
+            f"backbone.patch={patch}{through} does not divide modality.size={size}; "
+            f"use backbone.patch in {ok} or a modality.size divisible by {side}"
+        )
+
+
+def batch_x0(codec: LatentCodec | None, batch: dict, generator=None) -> torch.Tensor:
+    """A batch's x0: its pixels "x" without a VAE; with one, the scaled latents of its "moments" (the
+    latent cache's items) or of its pixels, encoded now."""
+    if codec is None:
+        return batch["x"]
+    moments = batch["moments"] if "moments" in batch else codec.moments(batch["x"])
+    return codec.latents(moments, generator)
+
+
 def load_codec(cfg) -> LatentCodec:
     """The frozen VAE that a latent modality's config names (modality.vae, modality.latent), checked
     against the config of it that a checkpoint recorded (modality.vae_config) when there is one."""
@@ -130,6 +152,10 @@ class LatentCodec:
         self.to(z.device)
         unscaled = z / self.scale + self.shift
         return frame_by_frame(lambda f: self.vae.decode(f.to(self.vae.dtype)).sample.float(), unscaled)
+
+    def record(self) -> dict:
+        """What a checkpoint's config keeps of the VAE: its resolved folder and its config."""
+        return {"vae": str(self.folder.resolve()), "vae_config": read_vae_config(self.folder)}
 
     def fingerprint(self) -> str:
         """A hash of the VAE's weights and config: what a latent cache is keyed on."""

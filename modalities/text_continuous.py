@@ -146,7 +146,7 @@ class TextContinuous(TextModality):
         inputs = self.cfg.embed_dim * (2 if self.cfg.self_condition else 1)  # x_t [, previous x0 estimate]
         return {"in_dim": inputs, "out_dim": self.cfg.embed_dim, "num_classes": 0}
 
-    def encode(self, batch):
+    def encode(self, batch, generator=None):
         """The token ids; their vectors come from the model's table (see loss)."""
         return batch["x"].long()
 

@@ -36,7 +36,7 @@ class TextDiscrete(TextModality):
                 f"modality.process={cfg.process!r} does not model token ids; choose one of {token_processes}"
             )
 
-    def encode(self, batch):
+    def encode(self, batch, generator=None):
         return batch["x"].long()  # (B, N) ids
 
     def decode(self, x0, model=None, **request) -> list[str]:

@@ -19,7 +19,7 @@ from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_con
 from modalities.image import Image
 from modalities.image_data import to_tensor
 from modalities.latent_cache import LatentCache
-from modalities.latents import LATENT_MODES, load_codec, read_vae_config
+from modalities.latents import LATENT_MODES, batch_x0, check_patch, load_codec
 from modalities.media import write_video
 from modalities.video_data import MovingMNIST, MovingShapes, VideoFolder
 from modalities.video_metrics import evaluate_videos
@@ -90,14 +90,7 @@ class Video(Modality):
                 f"modality.tubelet={cfg.tubelet} does not divide modality.frames={cfg.frames}; "
                 f"use modality.tubelet in {ok} or modality.frames={max(1, cfg.frames // cfg.tubelet) * cfg.tubelet}"
             )
-        side = self.factor * backbone.patch  # pixels per token side
-        if cfg.size % side:
-            ok = [p for p in (1, 2, 4, 8) if cfg.size % (self.factor * p) == 0]
-            through = f" (through the VAE's {self.factor}x downsampling)" if self.factor > 1 else ""
-            raise ValueError(
-                f"backbone.patch={backbone.patch}{through} does not divide modality.size={cfg.size}; "
-                f"use backbone.patch in {ok} or a modality.size divisible by {side}"
-            )
+        check_patch(cfg.size, backbone.patch, self.factor)
 
     def dataset(self, split: str):
         """The clips, or with data.cache_latents their frames' latents encoded once (LatentCache)."""
@@ -137,7 +130,7 @@ class Video(Modality):
     def resolve(self, train_set) -> dict:
         facts = {"classes": list(train_set.classes), "channels": self.channels}
         if self.codec:  # where the VAE is and what it is, so that sampling finds and checks it
-            facts.update(vae=str(self.codec.folder.resolve()), vae_config=read_vae_config(self.codec.folder))
+            facts.update(self.codec.record())
         return facts
 
     def cond(self, batch):
@@ -146,14 +139,7 @@ class Video(Modality):
     def encode(self, batch, generator=None):
         """Pixel clips, or their frames' scaled VAE latents (B, c, T, H/f, W/f), from the latent cache's
         moments when it is on."""
-        if self.codec is None:
-            return batch["x"]
-        moments = batch["moments"] if "moments" in batch else self.codec.moments(batch["x"])
-        return self.codec.latents(moments, generator)
-
-    def loss(self, process, model, batch, cond, generator=None):
-        # encode draws from the checkpointed generator too (modality.latent=sample): exact resume
-        return self.denoising_loss(process, model, self.encode(batch, generator), cond, generator)
+        return batch_x0(self.codec, batch, generator)
 
     def decode(self, x0, model=None, **request):
         x = self.codec.decode(x0) if self.codec else x0
