@@ -25,7 +25,15 @@ from backbones.attention import attention, resolve_backend
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    """x (1 + scale) + shift as one fused pass over x (addcmul) instead of two; with gated_add below
+    this saves four of the elementwise passes over (B, N, D) that a block's forward makes, which is
+    what a CPU step at 256 tokens spends beyond its matrix products (bench/RESULTS.md, issue 12)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_add(x, gate, y):
+    """The adaLN-Zero residual x + gate * y, one fused pass (addcmul) instead of two."""
+    return torch.addcmul(x, gate, y)
 
 
 def split_pairs(n_pairs: int, n_axes: int) -> list[int]:
@@ -206,10 +214,10 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, rope=None, context=None, context_mask=None, groups=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, groups)  # (B, N, D)
+        x = gated_add(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), rope, groups))  # (B, N, D)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context, context_mask)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return gated_add(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):

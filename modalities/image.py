@@ -20,7 +20,7 @@ from modalities.image_adherence import evaluate_adherence
 from modalities.image_data import image_dataset, image_source
 from modalities.image_metrics import evaluate_images
 from modalities.latent_cache import LatentCache
-from modalities.latents import LATENT_MODES, batch_x0, check_patch, load_codec
+from modalities.latents import batch_x0, check_patch, space_codec
 from modalities.prompts import TextEncoder
 
 
@@ -78,7 +78,6 @@ class Image(Modality):
     grid_axes = 2
     positions = "sincos"  # objects at set places: absolute positions learn them faster (Modality.positions)
     requests = ("label", "prompt")  # narrowed per model in __init__
-    SPACES = ("pixel", "latent")
     CONDITIONS = ("label", "caption", "both")
 
     def __init__(self, cfg, patch: int, data=None):
@@ -87,18 +86,13 @@ class Image(Modality):
         if cfg.process not in continuous:
             raise ValueError(f"modality.process={cfg.process!r} does not model pixels; choose one of {continuous}")
         for key, value, valid in [
-            ("space", cfg.space, self.SPACES),
             ("condition", cfg.condition, self.CONDITIONS),
-            ("latent", cfg.latent, LATENT_MODES),
             ("missing_caption", cfg.missing_caption, ("error", "empty")),
         ]:
             if value not in valid:
                 raise ValueError(f"modality.{key}={value!r}; choose one of {valid}")
+        self.codec, self.cache_latents = space_codec(cfg, data)
         self.channels, self.background = image_source(cfg, self.data_path)
-        self.cache_latents = bool(data is not None and data.get("cache_latents", False))
-        self.codec = load_codec(cfg) if cfg.space == "latent" else None
-        if self.cache_latents and self.codec is None:
-            raise ValueError("data.cache_latents=true caches VAE latents; it needs modality.space=latent")
         # x0: pixels, or latents of 1/factor the size with the VAE's channels
         self.x_channels = self.codec.channels if self.codec else self.channels
         self.factor = self.codec.factor if self.codec else 1

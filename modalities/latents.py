@@ -21,6 +21,7 @@ from einops import rearrange
 from omegaconf import OmegaConf
 
 LATENT_MODES = ("mean", "sample")
+SPACES = ("pixel", "latent")  # modality.space of the modalities that diffuse pixels or a VAE's latents
 # Config entries that say who wrote the folder, not what the VAE computes: ignored when a
 # checkpoint's recorded VAE config is compared with the folder's.
 PROVENANCE = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -79,6 +80,19 @@ def batch_x0(codec: LatentCodec | None, batch: dict, generator=None) -> torch.Te
         return batch["x"]
     moments = batch["moments"] if "moments" in batch else codec.moments(batch["x"])
     return codec.latents(moments, generator)
+
+
+def space_codec(cfg, data) -> tuple[LatentCodec | None, bool]:
+    """modality.space, modality.latent and data.cache_latents checked together: the frozen VAE for
+    space=latent (None for pixels), and whether the latents come from the latent cache."""
+    for key, value, valid in [("space", cfg.space, SPACES), ("latent", cfg.latent, LATENT_MODES)]:
+        if value not in valid:
+            raise ValueError(f"modality.{key}={value!r}; choose one of {valid}")
+    codec = load_codec(cfg) if cfg.space == "latent" else None
+    cache = bool(data is not None and data.get("cache_latents", False))
+    if cache and codec is None:
+        raise ValueError("data.cache_latents=true caches VAE latents; it needs modality.space=latent")
+    return codec, cache
 
 
 def load_codec(cfg) -> LatentCodec:

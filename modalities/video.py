@@ -19,7 +19,7 @@ from modalities.base import DiffusionConfig, Modality, ModalityConfig, label_con
 from modalities.image import Image
 from modalities.image_data import to_tensor
 from modalities.latent_cache import LatentCache
-from modalities.latents import LATENT_MODES, batch_x0, check_patch, load_codec
+from modalities.latents import batch_x0, check_patch, space_codec
 from modalities.media import write_video
 from modalities.video_data import MovingMNIST, MovingShapes, VideoFolder
 from modalities.video_metrics import evaluate_videos
@@ -58,7 +58,6 @@ class Video(Modality):
     grid_axes = 3
     requests = ("label", "first_frame")
     DATASETS = ("shapes", "moving_mnist", "folder")
-    SPACES = ("pixel", "latent")
     STRIP_COLUMNS = 16  # a strip shows at most this many frames per clip (every k-th of longer clips)
 
     def __init__(self, cfg, patch: int, data=None):
@@ -69,15 +68,9 @@ class Video(Modality):
             raise ValueError(f"modality.dataset={cfg.dataset} needs data.path=<folder>")
         if cfg.digits not in (1, 2):
             raise ValueError(f"modality.digits={cfg.digits}; choose 1 or 2")
-        for key, value, valid in [("space", cfg.space, self.SPACES), ("latent", cfg.latent, LATENT_MODES)]:
-            if value not in valid:
-                raise ValueError(f"modality.{key}={value!r}; choose one of {valid}")
+        self.codec, self.cache_latents = space_codec(cfg, data)
         self.channels = cfg.channels or (1 if cfg.dataset == "moving_mnist" else 3)
         self.tubelet = cfg.tubelet
-        self.codec = load_codec(cfg) if cfg.space == "latent" else None
-        self.cache_latents = bool(data is not None and data.get("cache_latents", False))
-        if self.cache_latents and self.codec is None:
-            raise ValueError("data.cache_latents=true caches VAE latents; it needs modality.space=latent")
         # x0: pixels, or per frame latents of 1/factor the side with the VAE's channels
         self.x_channels = self.codec.channels if self.codec else self.channels
         self.factor = self.codec.factor if self.codec else 1
