@@ -9,7 +9,10 @@ Contenders (each built at the same width, depth, heads, patch, latent size and 1
   never vendored; it imports timm), built with learn_sigma=False so that all three predict 4 channels;
 - diffusers: `DiTTransformer2DModel` (ada_norm_zero), built from its config, no weights downloaded.
 
-A training step is forward, MSE loss against a fixed target, backward and AdamW; a sampling step
+A training step is forward, MSE loss against a fixed target, backward and AdamW, each contender's
+AdamW as its own training code builds it (polydiff's trainer: fused where the device has the kernel;
+facebookresearch/DiT's train.py: torch's defaults, a loop over the tensors on a CPU; `--loop-adamw`
+adds polydiff with torch's defaults, which tells the optimizer's share from the model's); a sampling step
 is one forward of the doubled batch for classifier-free guidance and the guided combination (the
 reference DiT's own `forward_with_cfg`). Contenders alternate in rounds (the order rotated every
 round, after untimed warm-up steps) so that drifts of the machine hit all alike; reported are the
@@ -20,6 +23,7 @@ reference.
     python bench/reference_step.py --dit-repo ... --presets S --tokens 64 --rounds 5 --out bench/ref.md
     python bench/reference_step.py --dit-repo ... --precision bf16              # on a GPU
     python bench/reference_step.py --dit-repo ... --plain --rope  # also without QK-norm; with rotary positions
+    python bench/reference_step.py --dit-repo ... --loop-adamw  # also polydiff with torch's default AdamW
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from backbones.dit import DiT
 from diffusion.guidance import guided
 from infer.cli import pick_device
 from modalities.image import Image, ImageConfig
+from train.train import adamw
 
 PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12)}  # DiT-S/2 and DiT-B/2: width, depth, heads (Peebles & Xie 2023)
 CHANNELS, PATCH, CLASSES = 4, 2, 1000
@@ -61,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--plain", action="store_true", help="add polydiff without QK-norm (what the references lack)")
     p.add_argument("--rope", action="store_true", help="add polydiff with rotary positions (other modalities' default)")
+    p.add_argument("--loop-adamw", action="store_true", help="add polydiff with torch's default AdamW (not fused)")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     return p.parse_args(argv)
 
@@ -86,13 +92,20 @@ class Polydiff(torch.nn.Module):
     """polydiff's DiT behind the image modality's own patching (its model_fn): (B, C, H, W) -> (B, C, H, W),
     with the image modality's positions (sincos) and QK-norm. variant "plain": without QK-norm, which
     the references lack, to tell its cost from the implementation's; "rope": rotary positions, the
-    default of the other modalities."""
+    default of the other modalities; "loop_adamw": trained with torch's default AdamW (the references'),
+    not the fused one of polydiff's trainer."""
 
-    NAMES = {None: "polydiff", "plain": "polydiff, no QK-norm", "rope": "polydiff, rotary positions"}
+    NAMES = {
+        None: "polydiff",
+        "plain": "polydiff, no QK-norm",
+        "rope": "polydiff, rotary positions",
+        "loop_adamw": "polydiff, torch's default AdamW",
+    }
 
     def __init__(self, width, depth, heads, side, attention, variant=None):
         super().__init__()
         self.name = self.NAMES[variant]
+        self.fused_adamw = variant != "loop_adamw"
         cfg = OmegaConf.structured(ImageConfig(size=side, channels=CHANNELS, classes=[str(i) for i in range(CLASSES)]))
         self.image = Image(cfg, PATCH)
         pos = "rope" if variant == "rope" else self.image.positions
@@ -189,7 +202,8 @@ def load_reference_models(repo: str | None):
 
 def contenders(args, width, depth, heads, side, reference_models):
     made = [Polydiff(width, depth, heads, side, args.attention)]
-    made += [Polydiff(width, depth, heads, side, args.attention, v) for v in ("plain", "rope") if getattr(args, v)]
+    variants = [v for v in ("plain", "rope", "loop_adamw") if getattr(args, v)]
+    made += [Polydiff(width, depth, heads, side, args.attention, v) for v in variants]
     if reference_models is not None:
         made.append(Reference(reference_models, width, depth, heads, side))
     made.append(Diffusers(width, depth, heads, side))
@@ -201,7 +215,10 @@ class Work:
 
     def __init__(self, model, args, side, device, generator):
         self.model, self.args = model.to(device), args
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+        if getattr(model, "fused_adamw", False):
+            self.optimizer = adamw(model.parameters(), device.type, lr=1e-4)  # as polydiff's trainer builds it
+        else:  # as facebookresearch/DiT's train.py builds it: torch's defaults (on a CPU, a loop over tensors)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
         b = args.batch
         self.x = torch.randn(b, CHANNELS, side, side, generator=generator).to(device)
         self.target = torch.randn(b, CHANNELS, side, side, generator=generator).to(device)
@@ -295,6 +312,7 @@ def main(argv=None) -> list[dict]:
                         "precision": args.precision,
                         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                         "threads": torch.get_num_threads(),
+                        "adamw": "fused" if w.optimizer.defaults.get("fused") else "torch default",
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)

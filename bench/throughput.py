@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 
 from backbones.dit import DiT, num_flops_per_token
 from diffusion import build_process
+from train.train import adamw
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "backbone"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from the vendors' data sheets
@@ -143,8 +144,8 @@ class Bench:
     def step(self, tokens: int, grid: str | None):
         """A training step: forward, loss, backward, AdamW."""
         if self.optimizer is None:
-            fused = (self.device.type == "cuda" and not self.args.no_fused_adamw) or None
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused)
+            fused = not self.args.no_fused_adamw
+            self.optimizer = adamw(self.model.parameters(), self.device.type, lr=1e-4, fused=fused)
         model_fn = self.model_fn(grid_positions(tokens, grid, self.device))
         x0 = torch.randn(self.args.batch, tokens, self.args.token_dim, device=self.device)
 

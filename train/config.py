@@ -39,7 +39,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     schedule: str = "constant"  # constant | cosine
-    fused: bool = True
+    fused: bool = True  # one-kernel AdamW where the device has it (train.adamw)
 
 
 @dataclass

@@ -102,12 +102,20 @@ def peak_lr(cfg) -> float:
     return cfg.optim.lr if cfg.optim.lr is not None else cfg.backbone.lr
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu", "xpu", "mps")  # devices with torch's one-kernel AdamW (CPU: torch 2.4+)
+
+
+def adamw(params, device_type: str, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, fused: bool = True):
+    """torch's AdamW, fused where the device has the kernel (optim.fused, on by default). The default
+    implementation loops over the parameters with about ten elementwise passes each; the fused one
+    makes one. On a CPU that is a few percent of a small model's step (bench/RESULTS.md, issue 12)."""
+    fused = fused and device_type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
+
+
 def make_optimizer(cfg, model, device):
     o = cfg.optim
-    fused = o.fused and device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=peak_lr(cfg), betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused or None
-    )
+    optimizer = adamw(model.parameters(), device.type, peak_lr(cfg), o.betas, o.weight_decay, o.fused)
 
     def lr_factor(step):  # linear warm-up, then constant or cosine to zero
         if step < o.warmup_steps:

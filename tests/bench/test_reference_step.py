@@ -25,6 +25,8 @@ def test_runs_without_the_reference_checkout(tmp_path, capsys):
     for r in rows:
         assert 0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] and r["ratio"] > 0
     assert [r["ratio"] for r in rows if r["contender"] == "diffusers"] == [1.0, 1.0]  # the only reference
+    # each contender's AdamW as its own training code builds it
+    assert {(r["contender"], r["adamw"]) for r in rows} == {("polydiff", "fused"), ("diffusers", "torch default")}
     assert out.read_text().count("\n") == 2 + len(rows)
 
 
@@ -48,10 +50,13 @@ def test_contenders_have_the_same_shape():
 
 
 def test_the_polydiff_variants_are_timed_but_are_no_reference(tmp_path):
-    rows = reference_step.main([*TINY, "--presets", "64x1x2", "--dit-repo", str(tmp_path), "--plain", "--rope"])
-    names = ["polydiff", "polydiff, no QK-norm", "polydiff, rotary positions", "diffusers"]
-    assert [r["contender"] for r in rows[:4]] == names
+    args = [*TINY, "--presets", "64x1x2", "--dit-repo", str(tmp_path), "--plain", "--rope", "--loop-adamw"]
+    rows = reference_step.main(args)
+    names = ["polydiff", "polydiff, no QK-norm", "polydiff, rotary positions", "polydiff, torch's default AdamW"]
+    assert [r["contender"] for r in rows[:5]] == [*names, "diffusers"]
     assert [r["ratio"] for r in rows if r["contender"] == "diffusers"] == [1.0, 1.0]
+    # every polydiff but the last trains with the fused AdamW of polydiff's trainer
+    assert [r["adamw"] for r in rows[:5]] == ["fused"] * 3 + ["torch default"] * 2
 
 
 def test_bad_arguments_are_named():

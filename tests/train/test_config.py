@@ -98,6 +98,30 @@ def test_the_learning_rate_follows_the_backbone_preset_unless_set():
         assert scheduler.get_last_lr()[0] == pytest.approx(lr / 100)  # step 0 of the 100-step warm-up
 
 
+def test_adamw_is_fused_on_a_cpu_unless_switched_off():
+    """optim.fused (on by default) gives torch's one-kernel AdamW on a CPU too, and its steps equal the
+    loop implementation's (to float rounding); optim.fused=false gives the loop."""
+    import torch
+
+    from train.train import make_optimizer
+
+    results = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        start = model.weight.detach().clone()
+        optimizer, _ = make_optimizer(compose_cfg([f"optim.fused={fused}"]), model, torch.device("cpu"))
+        assert bool(optimizer.defaults["fused"]) is fused
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+        for _ in range(5):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[fused] = model.weight.detach().clone()
+        assert (results[fused] - start).abs().max() > 1e-5  # five steps moved it
+    torch.testing.assert_close(results[True], results[False])
+
+
 def test_positions_follow_the_modality_unless_set(tiny_cfg, text_run):
     """backbone.pos=null (every preset) means the modality's choice: absolute sincos positions for
     images, rotary ones for the rest; the run's config.yaml records what the model was built with,
