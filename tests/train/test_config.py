@@ -110,7 +110,8 @@ def test_adamw_is_fused_on_a_cpu_unless_switched_off():
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 4)
         start = model.weight.detach().clone()
-        optimizer, _ = make_optimizer(compose_cfg([f"optim.fused={fused}"]), model, torch.device("cpu"))
+        cfg = compose_cfg([f"optim.fused={fused}", "optim.lr=1e-2"])
+        optimizer, _ = make_optimizer(cfg, model, torch.device("cpu"))
         assert bool(optimizer.defaults["fused"]) is fused
         x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
         for _ in range(5):
@@ -118,7 +119,7 @@ def test_adamw_is_fused_on_a_cpu_unless_switched_off():
             optimizer.step()
             optimizer.zero_grad()
         results[fused] = model.weight.detach().clone()
-        assert (results[fused] - start).abs().max() > 1e-5  # five steps moved it
+        assert (results[fused] - start).abs().max() > 1e-4  # five warm-up steps at 1e-4 moved it
     torch.testing.assert_close(results[True], results[False])
 
 
