@@ -47,6 +47,24 @@ def test_shapes_are_deterministic_and_captioned():
     assert words[0] == "a" and words[3] == Shapes.classes[a[3]["label"]]
 
 
+def test_shapes_are_drawn_once_and_kept_bit_for_bit(monkeypatch):
+    import modalities.image_data as image_data
+
+    fresh = Shapes(10, 16, seed=0)[3]["x"]  # a first read draws
+    data, drawn = Shapes(10, 16, seed=0), []
+    draw = image_data.shape_pixels
+    monkeypatch.setattr(image_data, "shape_pixels", lambda *a, **k: drawn.append(a) or draw(*a, **k))
+    first = data[3]
+    again = data[3]
+    assert len(drawn) == 1  # the second read came from the kept pixels
+    assert torch.equal(first["x"], again["x"]) and first["caption"] == again["caption"]
+    assert torch.equal(again["x"], fresh)  # the same floats as a fresh drawing
+    monkeypatch.setattr(Shapes, "KEEP_BYTES", 10 * 3 * 16 * 16 - 1)  # a split that does not fit is redrawn
+    big = Shapes(10, 16, seed=0)
+    big[3], big[3]
+    assert len(drawn) == 3 and big.kept is None
+
+
 def test_patch_tokens_round_trip():
     cfg = OmegaConf.merge(OmegaConf.structured(ImageConfig), {"size": 8, "classes": ["a", "b"]})
     image = Image(cfg, patch=2)
