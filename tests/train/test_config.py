@@ -9,14 +9,24 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from modalities import MODALITIES, build_modality
 from train.config import CONFIG_DIR, validate
 
-GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml")) for g in ("modality", "backbone", "optim")}
+GROUP_NAMES = ("modality", "backbone", "optim", "recipe")
+GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml")) for g in GROUP_NAMES}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes(group, option):
     cfg = compose_cfg([f"{group}={option}"])
     validate(cfg)
-    assert cfg[group] is not None
+    assert group == "recipe" or cfg[group] is not None  # a recipe sets keys of the other groups
+
+
+def test_the_cpu_quick_recipe_sets_its_keys_and_the_command_line_wins():
+    cfg = compose_cfg(["recipe=cpu_quick"])  # its backbone replaces train.yaml's dit_s
+    assert (cfg.modality.name, cfg.backbone.name, cfg.backbone.patch, cfg.backbone.depth) == ("image", "dit_xs", 4, 4)
+    assert cfg.modality.diffusion.prediction == "x0" and cfg.optim.lr == 2e-3 and cfg.max_minutes == 4.5
+    assert compose_cfg([]).get("max_minutes") is None  # no recipe: train.yaml's defaults
+    cfg = compose_cfg(["recipe=cpu_quick", "batch_size=16", "max_minutes=1"])
+    assert cfg.batch_size == 16 and cfg.max_minutes == 1
 
 
 def test_every_modality_has_a_config_file():
