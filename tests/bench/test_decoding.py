@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import TINY_TEXT, compose_cfg
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -22,8 +25,16 @@ def rows(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def test_sweeps_every_sampler_and_step_count(text_run, tmp_path):
-    ckpt = text_run().run_dir / "checkpoints" / "last"
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """One tiny text model for every test here: the bench only reads it."""
+    from train.train import train
+
+    out = tmp_path_factory.mktemp("decoding")
+    return train(compose_cfg([*TINY_TEXT, f"out_dir={out}", "name=t"])).run_dir / "checkpoints" / "last"
+
+
+def test_sweeps_every_sampler_and_step_count(ckpt, tmp_path):
     table = tmp_path / "table.md"
     # the model scores its own samples (an ELBO bound): enough to exercise the reference path
     common = ["--ckpt", ckpt, "--reference", ckpt, "--n", 3, "--batch", 2, "--mc-timesteps", 2]
@@ -49,8 +60,7 @@ def test_sweeps_every_sampler_and_step_count(text_run, tmp_path):
         assert again[key] == first[key]  # same seed, same samples, same scores
 
 
-def test_caches_give_the_same_samples_with_fewer_evaluations(text_run):
-    ckpt = text_run().run_dir / "checkpoints" / "last"
+def test_caches_give_the_same_samples_with_fewer_evaluations(ckpt):
     argv = ["--samplers", "ancestral", "--caches", "off", "batch", "row", "--steps", 128, "--n", 16, "--batch", 16]
     off, batch, row = rows(decoding("--ckpt", ckpt, *argv).stdout)
     assert (off["cache"], batch["cache"], row["cache"]) == ("off", "batch", "row")
@@ -60,9 +70,12 @@ def test_caches_give_the_same_samples_with_fewer_evaluations(text_run):
     assert row["evaluations_per_sequence"] < 0.6 * batch["evaluations_per_sequence"] <= 0.6 * 128
 
 
-def test_unknown_sampler_and_bad_counts_are_named(text_run):
-    ckpt = text_run().run_dir / "checkpoints" / "last"
-    bad = decoding("--ckpt", ckpt, "--samplers", "dpmpp_2m", check=False)
-    assert bad.returncode != 0 and "dpmpp_2m" in bad.stderr and "'confidence'" in bad.stderr
-    bad = decoding("--ckpt", ckpt, "--steps", 0, check=False)
-    assert bad.returncode != 0 and "--steps" in bad.stderr
+def test_unknown_sampler_and_bad_counts_are_named(ckpt, monkeypatch):
+    # in this process: the refusals come before any sampling, and a fresh interpreter costs seconds each
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from decoding import main
+
+    with pytest.raises(SystemExit, match=r"dpmpp_2m.*'confidence'"):
+        main(["--ckpt", str(ckpt), "--samplers", "dpmpp_2m"])
+    with pytest.raises(SystemExit, match="--steps"):
+        main(["--ckpt", str(ckpt), "--steps", "0"])

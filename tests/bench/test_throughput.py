@@ -71,7 +71,9 @@ def test_sample_mode_and_bad_grid():
     assert bad.returncode != 0 and "holds 9 tokens, not --tokens 16" in bad.stderr
 
 
-def test_compiled_and_eager_blocks_give_the_same_loss():
+def test_compiled_and_eager_blocks_give_the_same_loss(tmp_path, monkeypatch):
+    # inductor's build cache (about 120 MB) goes with this test's folder instead of staying in /tmp
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(0)
     model = DiT(in_dim=8, out_dim=8, hidden_size=32, depth=1, num_heads=2, num_classes=3)
     with torch.no_grad():
