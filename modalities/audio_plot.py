@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def save_spectrograms(log_mel, names: list[str], cfg, path) -> None:
     """Draw log-mel spectrograms in a grid, each titled with its WAV file's name.
@@ -19,6 +14,11 @@ def save_spectrograms(log_mel, names: list[str], cfg, path) -> None:
         cfg: the audio modality config (sample_rate and hop give the time axis in seconds).
         path: the PNG to write.
     """
+    import matplotlib  # here, as in train/plots.py: matplotlib costs every start-up, and only sampling draws
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
     n = len(log_mel)
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)

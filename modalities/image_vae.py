@@ -20,17 +20,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Subset
 from torchvision.utils import save_image
 
 from modalities.base import Modality
 from modalities.data import Tolerant, collate
 from modalities.image_data import image_dataset, image_source
+
+if TYPE_CHECKING:  # imported where a VAE is built: diffusers costs every start-up a second
+    from diffusers import AutoencoderKL
 
 
 @dataclass
@@ -110,6 +113,8 @@ class ImageVAE(Modality):
         return None  # trained by reconstruction, not denoising
 
     def build_model(self, cfg) -> Autoencoder:
+        from diffusers import AutoencoderKL
+
         c = self.cfg
         n = len(c.block_out_channels)
         vae = AutoencoderKL(

@@ -15,8 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from einops import rearrange
 from omegaconf import OmegaConf
 
@@ -130,6 +128,8 @@ class LatentCodec:
         if mode not in LATENT_MODES:
             raise ValueError(f"modality.latent={mode!r}; choose one of {LATENT_MODES}")
         self.folder, self.mode = vae_folder(path), mode
+        from diffusers import AutoencoderKL  # here, not at the top: importing diffusers costs every start-up a second
+
         self.vae = AutoencoderKL.from_pretrained(self.folder, local_files_only=True).eval().requires_grad_(False)
         config = self.vae.config
         self.scale = float(config.scaling_factor)
@@ -151,6 +151,8 @@ class LatentCodec:
 
     def latents(self, moments: torch.Tensor, generator=None) -> torch.Tensor:
         """Posterior moments (from `moments`) -> scaled latents z (B, c, [T,] H/f, W/f)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         posterior = DiagonalGaussianDistribution(moments)
         z = posterior.mean if self.mode == "mean" else posterior.sample(generator)
         return (z - self.shift) * self.scale

