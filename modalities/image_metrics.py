@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -155,6 +154,8 @@ def get_classifier(modality, device, epochs: int = 1):
 def _sqrtm(m: np.ndarray):
     """Matrix square root, or None when m is singular (scipy warns), the result is not finite
     or it has a non-negligible imaginary part."""
+    import scipy.linalg  # here: scipy costs every start-up most of a second, and only evaluation needs it
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
         try:
@@ -180,6 +181,8 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     covmean = _sqrtm(cov_a @ cov_b)
     if covmean is None:  # singular product (e.g. dead ReLU features, fewer samples than features)
+        import scipy.linalg
+
         offset = eps * np.eye(len(cov_a))  # the same fix as the reference implementation (pytorch-fid)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
@@ -215,7 +218,8 @@ def generated(modality, model, process, args, device):
 def evaluate_with_classifier(modality, model, process, args, device, as_seen, epochs: int = 1) -> dict:
     """Sample `args.n` items and score them with the classifier of the modality's data
     (`classifier_data`): returns {"classifier_test_accuracy", "frechet_distance", "n_samples"} plus,
-    for class-conditional models, "label_agreement" (share of samples classified as their label).
+    for class-conditional models, "label_agreement" (share of samples classified as their label) and
+    "label_agreement_by_class" (the same share for each class name, over the samples asked for it).
 
     Args:
         as_seen: x0 -> the classifier's input, as classifier_data presents real items.
@@ -224,12 +228,13 @@ def evaluate_with_classifier(modality, model, process, args, device, as_seen, ep
     if args.n < 2:
         raise ValueError(f"n={args.n}: the Fréchet distance needs at least 2 samples")
     classifier, accuracy = get_classifier(modality, device, epochs=epochs)
-    feats, agree = [], []
+    feats, agree, asked = [], [], []
     for labels, x0 in generated(modality, model, process, args, device):
         f = classifier.features(as_seen(x0))
         feats.append(f.double().cpu().numpy())
         if labels is not None:
             agree.append((classifier.head(f).argmax(1) == labels).cpu())
+            asked.append(labels.cpu())
     test_set = modality.classifier_data("test")
     test_set = Subset(test_set, range(min(len(test_set), MAX_REFERENCE)))
     result = {
@@ -238,7 +243,11 @@ def evaluate_with_classifier(modality, model, process, args, device, as_seen, ep
         "n_samples": args.n,
     }
     if agree:
-        result["label_agreement"] = torch.cat(agree).float().mean().item()
+        agree, asked = torch.cat(agree).float(), torch.cat(asked)
+        result["label_agreement"] = agree.mean().item()
+        result["label_agreement_by_class"] = {
+            str(name): agree[asked == k].mean().item() for k, name in enumerate(modality.classes) if (asked == k).any()
+        }
     return result
 
 

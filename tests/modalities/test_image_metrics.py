@@ -136,7 +136,14 @@ def test_evaluate_images_on_a_random_model(tmp_path, monkeypatch):
     result = modality.evaluate(model, process, args(), "cpu")
     assert [len(labels) for labels in asked] == [5, 5, 4]
     assert torch.cat(asked).tolist() == [i % len(SHAPES) for i in range(14)]  # classes cycle across batches
-    assert set(result) == {"classifier_test_accuracy", "label_agreement", "frechet_distance", "n_samples"}
+    assert set(result) == {
+        "classifier_test_accuracy",
+        "label_agreement",
+        "label_agreement_by_class",
+        "frechet_distance",
+        "n_samples",
+    }
+    assert list(result["label_agreement_by_class"]) == list(SHAPES)
     assert result["n_samples"] == 14
     assert 0 <= result["label_agreement"] <= 1 and 0 <= result["classifier_test_accuracy"] <= 1
     assert math.isfinite(result["frechet_distance"]) and result["frechet_distance"] > 0
@@ -154,8 +161,9 @@ def test_evaluate_images_unconditional(tmp_path, monkeypatch):
 class Oracle:
     """A 'process' whose samples are real shapes: of the asked label, or pure noise."""
 
-    def __init__(self, noise: bool):
+    def __init__(self, noise: bool, drawn_instead: dict | None = None):
         pool = Shapes(300, 16, seed=7)
+        self.drawn_instead = drawn_instead or {}  # asked label -> the label whose shapes are drawn
         self.noise, self.by_label = (
             noise,
             {k: [pool[i]["x"] for i in range(300) if pool[i]["label"] == k] for k in range(len(SHAPES))},
@@ -164,7 +172,8 @@ class Oracle:
     def sample(self, model_fn, shape, cond, generator=None, **options):
         if self.noise:
             return torch.rand(shape, generator=generator) * 2 - 1
-        return torch.stack([self.by_label[int(k)][i % 10] for i, k in enumerate(cond["label"])])
+        drawn = [self.drawn_instead.get(int(k), int(k)) for k in cond["label"]]
+        return torch.stack([self.by_label[k][i % 10] for i, k in enumerate(drawn)])
 
 
 def test_metrics_prefer_real_images_to_noise(tmp_path, monkeypatch, shapes_classifier):
@@ -175,3 +184,13 @@ def test_metrics_prefer_real_images_to_noise(tmp_path, monkeypatch, shapes_class
     noise = metrics.evaluate_images(modality, model, Oracle(noise=True), args(n=60, batch=30), "cpu")
     assert real["label_agreement"] > 0.6 and noise["label_agreement"] < 0.4
     assert real["frechet_distance"] < 0.5 * noise["frechet_distance"]
+
+
+def test_agreement_by_class_names_the_class_that_is_drawn_wrong(tmp_path, monkeypatch, shapes_classifier):
+    monkeypatch.setattr(metrics, "get_classifier", lambda modality, device, epochs=1: shapes_classifier)
+    modality = image_modality(tmp_path, monkeypatch, shapes_items=3000)
+    rings_as_squares = Oracle(noise=False, drawn_instead={SHAPES.index("ring"): SHAPES.index("square")})
+    result = metrics.evaluate_images(modality, tiny_dit(modality), rings_as_squares, args(n=60, batch=30), "cpu")
+    by_class = result["label_agreement_by_class"]
+    assert by_class["ring"] < 0.2 and min(v for k, v in by_class.items() if k != "ring") > 0.6
+    assert result["label_agreement"] == pytest.approx(sum(by_class.values()) / len(SHAPES))  # 10 asked per class
