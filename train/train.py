@@ -256,6 +256,7 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not accelerator.is_main_process, desc=run_dir.name)
     t0, seen = time.perf_counter(), 0
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    started, first_step = time.monotonic(), state.step
     model.train()
     try:
         while state.step < cfg.steps and not stop["now"]:
@@ -307,8 +308,10 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
                 scheduler.step()
                 update_ema(ema_model, accelerator.unwrap_model(model), cfg.ema_decay, state.step)
                 state.step += 1
+                now = time.monotonic()
+                bar.total = steps_in_budget(cfg.steps, state.step, first_step, now - started, deadline - now)
                 bar.update(1)
-                stop["now"] = any_process(accelerator, stop["signal"] is not None or time.monotonic() > deadline)
+                stop["now"] = any_process(accelerator, stop["signal"] is not None or now > deadline)
 
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                     tracker.check(
@@ -378,6 +381,14 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(run_dir, state.step, losses, accelerator.unwrap_model(model), ema_model)
+
+
+def steps_in_budget(steps: int, step: int, since_step: int, elapsed_s: float, left_s: float) -> int:
+    """What the progress bar counts to: `steps`, or fewer where max_minutes will stop the run first,
+    at the pace kept since `since_step` (elapsed_s ago, sample grids included); left_s is the budget left."""
+    if not math.isfinite(left_s) or step <= since_step or elapsed_s <= 0:
+        return steps
+    return min(steps, step + int(max(0.0, left_s) * (step - since_step) / elapsed_s))
 
 
 def any_process(accelerator, local: bool) -> bool:

@@ -99,6 +99,16 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tiny_cfg, caps
     assert trainer.train(tiny_cfg("steps=3", "resume=auto")).step == 3
 
 
+def test_the_progress_bar_counts_to_the_steps_the_time_allows():
+    inf = float("inf")
+    assert trainer.steps_in_budget(1000, 100, 0, 10.0, 20.0) == 300  # 10 steps/s for 20 more seconds
+    assert trainer.steps_in_budget(1000, 150, 50, 10.0, 20.0) == 350  # the pace since this invocation began
+    assert trainer.steps_in_budget(250, 100, 0, 10.0, 20.0) == 250  # `steps` ends the run first
+    assert trainer.steps_in_budget(1000, 100, 0, 10.0, inf) == 1000  # no max_minutes
+    assert trainer.steps_in_budget(1000, 100, 0, 10.0, -0.5) == 100  # spent: the bar is full
+    assert trainer.steps_in_budget(1000, 50, 50, 0.0, 20.0) == 1000  # no pace yet
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("steps=4", "save_every=2")
     real_save_file = checkpoint.save_file
