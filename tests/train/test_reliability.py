@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, expendable
 from PIL import Image
 
 import train.checkpoint as checkpoint
@@ -30,6 +30,7 @@ def launch(tmp_path, name, *overrides, new_session=False):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=new_session,
+        preexec_fn=expendable,
     )
 
 
@@ -262,7 +263,9 @@ def test_two_processes_average_gradients(tmp_path):
         "import test_reliability as t; debug_launcher(t._two_process_run, args=(sys.argv[1],), num_processes=2)"
     )
     paths = [str(REPO / "tests" / "train"), str(REPO / "tests"), str(REPO)]
-    subprocess.run([sys.executable, "-c", script, str(tmp_path), *paths], check=True, timeout=300, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), *paths], check=True, timeout=300, cwd=REPO, preexec_fn=expendable
+    )
     report = torch.load(tmp_path / "report.pt", weights_only=True)
     assert report["same_weights"]  # gradients were averaged: replicas identical
     (seen0, _), (seen1, _) = report["batches"]

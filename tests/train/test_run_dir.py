@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, expendable
 
 import train.train as trainer
 from train.run_dir import RunLock
@@ -26,8 +26,8 @@ def test_two_processes_without_a_name_are_one_ddp_run(tmp_path, tiny_cfg):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = [*torchrun, "train/train.py", *overrides, f"out_dir={tmp_path}/ddp"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, preexec_fn=expendable)
+    assert out.returncode == 0, f"exit {out.returncode} (-9: killed, out of memory?)\n{out.stdout}{out.stderr}"
     (run,) = (tmp_path / "ddp").iterdir()  # one folder for both processes
     assert csv_steps(run) == [1, 2, 3]  # one writer: each step once
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
