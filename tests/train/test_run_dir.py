@@ -24,7 +24,10 @@ def csv_steps(run: Path) -> list[int]:
 def test_two_processes_without_a_name_are_one_ddp_run(tmp_path, tiny_cfg):
     overrides = [*TINY, "steps=3", "batch_size=8", "save_every=3"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # --local-addr: without it the workers meet at the machine's host name, and where that name does not
+    # resolve (a sandbox whose /etc/hosts lacks it) they wait until the timeout instead of failing.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun += ["--local-addr", "127.0.0.1"]
     cmd = [*torchrun, "train/train.py", *overrides, f"out_dir={tmp_path}/ddp"]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, preexec_fn=expendable)
     assert out.returncode == 0, f"exit {out.returncode} (-9: killed, out of memory?)\n{out.stdout}{out.stderr}"
