@@ -122,8 +122,8 @@ class NormRope(torch.autograd.Function):
 
 class RMSNorm(nn.RMSNorm):
     """QK-norm over the last axis, then the rotation where `rope` tables are given, as one NormRope
-    node (computed in fp32, returned in the input's dtype, so bf16 q and k under autocast need no
-    cast of the fp32 weight)."""
+    node in eager mode and as torch's composite under torch.compile (both computed in fp32, returned
+    in the input's dtype, so bf16 q and k under autocast need no cast of the fp32 weight)."""
 
     def forward(self, x, rope=None):
         if torch.compiler.is_compiling():
