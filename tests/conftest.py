@@ -49,6 +49,11 @@ def expendable() -> None:
         pass
 
 
+def csv_steps(run: Path) -> list[int]:
+    """The steps a run's loss.csv lists, in order."""
+    return [int(line.split(",")[0]) for line in (run / "loss.csv").read_text().splitlines()]
+
+
 def compose_cfg(overrides=()):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):

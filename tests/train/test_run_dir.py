@@ -8,38 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, expendable
+from conftest import csv_steps
 
 import train.train as trainer
 from train.run_dir import RunLock
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def csv_steps(run: Path) -> list[int]:
-    return [int(line.split(",")[0]) for line in (run / "loss.csv").read_text().splitlines()]
-
-
-@pytest.mark.slow
-def test_two_processes_without_a_name_are_one_ddp_run(tmp_path, tiny_cfg):
-    overrides = [*TINY, "steps=3", "batch_size=8", "save_every=3"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # --local-addr: without it the workers meet at the machine's host name, and where that name does not
-    # resolve (a sandbox whose /etc/hosts lacks it) they wait until the timeout instead of failing.
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    torchrun += ["--local-addr", "127.0.0.1"]
-    cmd = [*torchrun, "train/train.py", *overrides, f"out_dir={tmp_path}/ddp"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, preexec_fn=expendable)
-    assert out.returncode == 0, f"exit {out.returncode} (-9: killed, out of memory?)\n{out.stdout}{out.stderr}"
-    (run,) = (tmp_path / "ddp").iterdir()  # one folder for both processes
-    assert csv_steps(run) == [1, 2, 3]  # one writer: each step once
-    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
-    assert out.stdout.count("done at step 3") == 1
-    # Each process trains on half the batch with its own noise: the averaged loss is not the
-    # one-process run's (two independent copies of it would be).
-    alone = trainer.train(tiny_cfg("steps=3", "batch_size=8", "save_every=3"))
-    two = [float(line.split(",")[1]) for line in (run / "loss.csv").read_text().splitlines()]
-    assert two != [loss for _, loss in alone.losses]
 
 
 def test_a_used_run_folder_is_refused_unless_resumed_or_overwritten(tiny_cfg):
