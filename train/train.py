@@ -229,7 +229,12 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     model.set_attention_backend(cfg.attention, device.type)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     if cfg.compile:
-        model.compile_blocks()
+        problem = compile_problem(device)
+        if problem is None:
+            model.compile_blocks()
+        else:
+            accelerator.print(f"compile=true: torch.compile cannot build kernels here ({problem}); training eagerly")
+            cfg.compile = False  # config.yaml records how the run trained
     process = modality.noise_process()  # None for a model trained without one (modality=image_vae)
     optimizer, scheduler = make_optimizer(cfg, model, device)
     loader = make_loader(cfg, train_set, accelerator)
@@ -381,6 +386,25 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(run_dir, state.step, losses, accelerator.unwrap_model(model), ema_model)
+
+
+def compile_problem(device) -> str | None:
+    """Why torch.compile cannot build kernels on `device` here, or None when it can.
+
+    inductor needs a C++ compiler for CPU kernels and Triton for GPU ones, and says so only when it
+    first compiles, inside the first training step, where there is no way back to eager. So a two-op
+    function is compiled and differentiated first: a second or two, less where its kernels are cached."""
+
+    def probe(x):
+        return torch.nn.functional.gelu(x * 2.0).sum()
+
+    x = torch.ones(8, device=device, requires_grad=True)
+    try:
+        torch.compile(probe, fullgraph=True)(x).backward()
+    except Exception as error:  # noqa: BLE001 - inductor's failures have many types (compiler, Triton, linker)
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return None
 
 
 def steps_in_budget(steps: int, step: int, since_step: int, elapsed_s: float, left_s: float) -> int:

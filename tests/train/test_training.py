@@ -1,12 +1,19 @@
 """The trainer end to end on a tiny model: learning, resuming, numerical faults."""
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, expendable
 
 import train.train as trainer
 from train.checkpoint import load_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_model_loss_falls(tiny_cfg):
@@ -185,3 +192,25 @@ def test_sample_cli_warns_when_the_samples_are_degenerate(tiny_cfg, tmp_path):
     save_file({k: v * 1e30 for k, v in weights.items()}, ckpt / "model.safetensors")  # a model that blew up
     with pytest.warns(UserWarning, match=rf"samples from {ckpt} are degenerate"):
         sample(parse(SampleArgs, [f"ckpt={ckpt}", "n=2", "steps=2", "device=cpu", f"out={tmp_path / 's'}"]))
+
+
+def test_compile_without_a_compiler_says_so_and_trains_eagerly(tiny_cfg, tmp_path):
+    # CXX names no compiler and inductor's cache is empty: inductor cannot build a CPU kernel
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    runs = tmp_path / "runs"
+    args = [sys.executable, "train/train.py", *TINY, "steps=6", f"out_dir={runs}", "name=c", "compile=true"]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=expendable)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compile=true: torch.compile cannot build kernels here (" in done.stdout
+    assert "InvalidCxxCompiler: No working C++ compiler" in done.stdout
+    run = runs / "c"
+    assert "compile: false" in (run / "config.yaml").read_text()  # the run records how it trained
+    logged = [float(line.split(",")[1]) for line in (run / "loss.csv").read_text().splitlines()]
+    eager = trainer.train(tiny_cfg("steps=6", "name=e"))
+    assert logged == pytest.approx([loss for _, loss in eager.losses], rel=1e-4)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler for inductor")
+def test_compile_problem_is_none_where_inductor_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert trainer.compile_problem(torch.device("cpu")) is None
