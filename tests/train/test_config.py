@@ -23,7 +23,7 @@ def test_every_group_option_composes(group, option):
 def test_the_cpu_quick_recipe_sets_its_keys_and_the_command_line_wins():
     cfg = compose_cfg(["recipe=cpu_quick"])  # its backbone replaces train.yaml's dit_s
     shape = (cfg.backbone.name, cfg.backbone.depth, cfg.backbone.hidden_size, cfg.backbone.patch)
-    assert cfg.modality.name == "image" and shape == ("dit_xs", 4, 64, 2)
+    assert cfg.modality.name == "image" and cfg.modality.size == 24 and shape == ("dit_xs", 4, 64, 2)
     assert cfg.modality.diffusion.prediction == "x0" and cfg.optim.lr == 2e-3 and cfg.max_minutes == 4.5
     assert compose_cfg([]).get("max_minutes") is None  # no recipe: train.yaml's defaults
     cfg = compose_cfg(["recipe=cpu_quick", "batch_size=16", "max_minutes=1"])
