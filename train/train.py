@@ -393,7 +393,8 @@ def compile_problem(device) -> str | None:
 
     inductor needs a C++ compiler for CPU kernels and Triton for GPU ones, and says so only when it
     first compiles, inside the first training step, where there is no way back to eager. So a two-op
-    function is compiled and differentiated first: a second or two, less where its kernels are cached."""
+    function is compiled and differentiated first. That pays inductor's start-up, which the model's
+    compiling would pay otherwise (9-17 s on 2 CPU cores, bench/RESULTS.md), before max_minutes counts."""
 
     def probe(x):
         return torch.nn.functional.gelu(x * 2.0).sum()
