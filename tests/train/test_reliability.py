@@ -52,13 +52,12 @@ def loss_rows(run: Path) -> dict:
 
 def test_sigkill_then_resume_auto_reproduces_the_losses(tmp_path):
     common = ["steps=30", "save_every=10", "modality.shapes_items=128", "deterministic=true"]
-    full = launch(tmp_path, "full", *common)
-    assert full.wait(timeout=300) == 0, full.stdout.read()
-
+    full = launch(tmp_path, "full", *common)  # side by side with the victim: one thread each
     victim = launch(tmp_path, "cut", *common)
     wait_for(tmp_path / "cut" / "checkpoints" / "step_00000010" / "model.safetensors", victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    assert full.wait(timeout=300) == 0, full.stdout.read()
     resumed = launch(tmp_path, "cut", *common, "resume=auto")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
