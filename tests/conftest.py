@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import os
+import shutil
 import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +108,48 @@ def write_idx(path: Path, array: np.ndarray):
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+# torch.compile's check (tests/bench/compile_check.py) spends 25-40 s in inductor's first build, mostly
+# g++ waiting on its own; started when collection is done, it overlaps the tests before it instead of
+# adding to the suite's wall-clock. Started only where the test that reads it was collected.
+COMPILE_CHECK_TEST = "test_compiled_and_eager_blocks_give_the_same_loss_and_gradients"
+_compile_check = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
+def pytest_collection_modifyitems(session, config, items):
+    if any(item.name == COMPILE_CHECK_TEST for item in items) and not config.option.collectonly:
+        repo = Path(__file__).resolve().parents[1]
+        cache = tempfile.mkdtemp(prefix="polydiff-inductor-")  # empty: the build a fresh machine pays
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(repo)}
+        proc = subprocess.Popen(
+            [sys.executable, str(repo / "tests" / "bench" / "compile_check.py")],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _compile_check.update(proc=proc, cache=cache)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    proc = _compile_check.get("proc")
+    if proc is not None and proc.poll() is None:  # its test was deselected or the session stopped early
+        proc.kill()
+        proc.communicate()
+    if "cache" in _compile_check:
+        shutil.rmtree(_compile_check["cache"], ignore_errors=True)
+
+
+@pytest.fixture
+def compile_check():
+    """() -> the finished compile check (subprocess.CompletedProcess-like: returncode, stdout, stderr)."""
+
+    def result():
+        proc = _compile_check["proc"]
+        stdout, stderr = proc.communicate(timeout=600)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    return result

@@ -69,48 +69,9 @@ def test_sample_mode_and_bad_grid():
     assert bad.returncode != 0 and "holds 9 tokens, not --tokens 16" in bad.stderr
 
 
-# Run in a process of its own: compiling leaves a process about 85 MB larger (inductor's modules and
-# caches; 647 -> 731 MB resident here), which pytest would carry through the rest of the suite, and the
-# suite has to fit small CI machines (README).
-COMPILE_CHECK = """
-import sys
-import torch
-from backbones.dit import DiT
-from diffusion import build_process
-from train.train import compile_problem
-
-problem = compile_problem(torch.device("cpu"))
-if problem is not None:
-    print(problem)
-    sys.exit(77)
-torch.manual_seed(0)
-model = DiT(in_dim=8, out_dim=8, hidden_size=32, depth=1, num_heads=2, num_classes=3)
-with torch.no_grad():
-    for p in model.parameters():
-        p.add_(torch.randn_like(p) * 0.05)
-pos = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(-1, 2)
-process = build_process("gaussian", {})
-x0 = torch.randn(4, 16, 8)
-cond = {"label": torch.tensor([0, 1, 2, 0]), "drop": torch.tensor([False, True, False, False])}
-fn = lambda xt, t, c: model(xt, pos, t, **c)
-eager = process.loss(fn, x0, cond, generator=torch.Generator().manual_seed(1))
-eager_grads = torch.autograd.grad(eager, list(model.parameters()))
-model.compile_blocks()
-compiled = process.loss(fn, x0, cond, generator=torch.Generator().manual_seed(1))
-torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-# and the same gradients (torch 2.11's trace of the hand-written QK-norm node gave zero for its weights)
-compiled_grads = torch.autograd.grad(compiled, list(model.parameters()))
-for (name, _), a, b in zip(model.named_parameters(), compiled_grads, eager_grads):
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
-"""
-
-
-def test_compiled_and_eager_blocks_give_the_same_loss_and_gradients(tmp_path):
-    # inductor's build cache (about 120 MB) goes with this test's folder instead of staying in /tmp
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+def test_compiled_and_eager_blocks_give_the_same_loss_and_gradients(compile_check):
+    # tests/bench/compile_check.py, started in a process of its own when the session began (conftest)
+    done = compile_check()
     if done.returncode == 77:  # compile_problem found no way to build kernels here (no C++ toolchain)
         if shutil.which(os.environ.get("CXX", "g++")) is not None:
             pytest.fail(f"a C++ compiler is installed, yet compile_problem says: {done.stdout}")
