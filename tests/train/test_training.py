@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_model_loss_falls(tiny_cfg):
-    result = trainer.train(tiny_cfg("steps=300", "log_every=25"))
+    result = trainer.train(tiny_cfg("steps=150", "log_every=25"))  # about 0.15 of the first loss by then
     first, last = result.losses[0][1], result.losses[-1][1]
     assert last < 0.5 * first, result.losses
     assert (result.run_dir / "loss.png").stat().st_size > 1000
