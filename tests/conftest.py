@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -110,46 +108,43 @@ def write_idx(path: Path, array: np.ndarray):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-# torch.compile's check (tests/bench/compile_check.py) spends 25-40 s in inductor's first build, mostly
-# g++ waiting on its own; started when collection is done, it overlaps the tests before it instead of
-# adding to the suite's wall-clock. Started only where the test that reads it was collected.
-COMPILE_CHECK_TEST = "test_compiled_and_eager_blocks_give_the_same_loss_and_gradients"
-_compile_check = {}
+# A test marked `background(start=...)` spends most of its time in a process of its own (torch.compile's
+# first build, a pytest collection in a fresh copy): `start()` returns that process (Popen, stdout
+# and stderr piped, text) and the paths to remove at the end, or None where the test will skip. It is
+# started when collection is done, so that it runs beside the tests before it instead of adding to the
+# suite's wall-clock, and only where its test was collected and not deselected. The test reads the
+# finished process through the `background` fixture.
+_background = {}  # nodeid -> (Popen, [paths to remove])
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m have deselected
 def pytest_collection_modifyitems(session, config, items):
-    if any(item.name == COMPILE_CHECK_TEST for item in items) and not config.option.collectonly:
-        repo = Path(__file__).resolve().parents[1]
-        cache = tempfile.mkdtemp(prefix="polydiff-inductor-")  # empty: the build a fresh machine pays
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(repo)}
-        proc = subprocess.Popen(
-            [sys.executable, str(repo / "tests" / "bench" / "compile_check.py")],
-            cwd=repo,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        _compile_check.update(proc=proc, cache=cache)
+    if config.option.collectonly:
+        return
+    for item in items:
+        marker = item.get_closest_marker("background")
+        if marker is not None:
+            started = marker.kwargs["start"]()
+            if started is not None:
+                _background[item.nodeid] = started
 
 
 def pytest_sessionfinish(session, exitstatus):
-    proc = _compile_check.get("proc")
-    if proc is not None and proc.poll() is None:  # its test was deselected or the session stopped early
-        proc.kill()
-        proc.communicate()
-    if "cache" in _compile_check:
-        shutil.rmtree(_compile_check["cache"], ignore_errors=True)
+    for proc, paths in _background.values():
+        if proc.poll() is None:  # its test did not run to the end, or the session stopped early
+            proc.kill()
+            proc.communicate()
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def compile_check():
-    """() -> the finished compile check (subprocess.CompletedProcess-like: returncode, stdout, stderr)."""
+def background(request):
+    """() -> this test's background process, finished (subprocess.CompletedProcess)."""
 
-    def result():
-        proc = _compile_check["proc"]
-        stdout, stderr = proc.communicate(timeout=600)
+    def result(timeout=600):
+        proc = _background[request.node.nodeid][0]
+        stdout, stderr = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
     return result

@@ -9,7 +9,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,13 +30,13 @@ def test_ci_runs_the_readme_commands_verbatim():
     assert ci.index(install) < ci.index(test)
 
 
-def test_readme_test_command_collects_in_a_fresh_copy(tmp_path):
+def start_fresh_copy_collect():
+    """The README's test command with --collect-only, in a copy of the files git tracks, started in the
+    background (tests/conftest.py): collecting imports every test module, seconds of one core."""
     if not (ROOT / ".git").exists() or shutil.which("git") is None:
-        import pytest
-
-        pytest.skip("not a git checkout")
+        return None  # the test skips
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    clone = tmp_path / "clone"
+    clone = Path(tempfile.mkdtemp(prefix="polydiff-copy-"))
     for name in filter(None, files.decode().split("\0")):
         if (ROOT / name).is_file():
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
@@ -42,13 +45,15 @@ def test_readme_test_command_collects_in_a_fresh_copy(tmp_path):
     argv = shlex.split(test)
     if argv[0] == "python":  # the interpreter of the environment polydiff is installed in, as on a user's shell
         argv[0] = sys.executable
-    done = subprocess.run(
-        [*argv, "--collect-only", "-q", "-p", "no:cacheprovider"],
-        cwd=clone,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    argv += ["--collect-only", "-q", "-p", "no:cacheprovider"]
+    return subprocess.Popen(argv, cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), [clone]
+
+
+@pytest.mark.background(start=start_fresh_copy_collect)
+def test_readme_test_command_collects_in_a_fresh_copy(background):
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    done = background()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     collected = sum(int(n) for n in re.findall(r"^tests/\S+\.py: (\d+)$", done.stdout, re.M))  # -qq listing
     assert collected > 100, done.stdout[-2000:]

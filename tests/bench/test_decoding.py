@@ -1,8 +1,6 @@
 """bench/decoding.py on a tiny text model: one row per sampler and step count, reproducible."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,14 +9,19 @@ from conftest import TINY_TEXT, compose_cfg
 REPO = Path(__file__).resolve().parents[2]
 
 
-def decoding(*argv, check=True):
-    return subprocess.run(
-        [sys.executable, str(REPO / "bench" / "decoding.py"), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=300,
-    )
+@pytest.fixture
+def decoding(monkeypatch, capsys):
+    """decoding(*argv) -> the bench's (stdout, stderr), run in this process: a fresh interpreter
+    would spend seconds importing torch for each call."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from decoding import main
+
+    def run(*argv):
+        capsys.readouterr()
+        main([str(a) for a in argv])
+        return capsys.readouterr()
+
+    return run
 
 
 def rows(stdout: str) -> list[dict]:
@@ -34,17 +37,17 @@ def ckpt(tmp_path_factory):
     return train(compose_cfg([*TINY_TEXT, f"out_dir={out}", "name=t"])).run_dir / "checkpoints" / "last"
 
 
-def test_sweeps_every_sampler_and_step_count(ckpt, tmp_path):
+def test_sweeps_every_sampler_and_step_count(ckpt, tmp_path, decoding):
     table = tmp_path / "table.md"
     # the model scores its own samples (an ELBO bound): enough to exercise the reference path
     common = ["--ckpt", ckpt, "--reference", ckpt, "--n", 3, "--batch", 2, "--mc-timesteps", 2]
     run = decoding(*common, "--steps", 2, 5, "--out", table)
-    found, out = rows(run.stdout), run.stdout
+    found, out = rows(run.out), run.out
     # 32 tokens make 4 blocks of the default 8: two steps cannot finish them, and that row is skipped
     assert [(r["sampler"], r["steps"]) for r in found] == [
         (s, k) for s in ("ancestral", "confidence", "blocks") for k in (2, 5) if (s, k) != ("blocks", 2)
     ]
-    assert "skipped blocks at 2 steps: steps=2 is fewer than the 4 blocks" in run.stderr
+    assert "skipped blocks at 2 steps: steps=2 is fewer than the 4 blocks" in run.err
     for r in found:
         # ancestral may skip calls where no token changes; the others call once per step
         assert r["network_calls"] <= r["steps"] if r["sampler"] == "ancestral" else r["network_calls"] == r["steps"]
@@ -54,15 +57,15 @@ def test_sweeps_every_sampler_and_step_count(ckpt, tmp_path):
     assert markdown[0].startswith("| sampler | cache | steps |") and len(markdown) == 2 + len(found)
     assert f"5 rows for {ckpt} (1 skipped: blocks@2); table written to {table}" in out
 
-    again = rows(decoding(*common, "--steps", 5, "--samplers", "confidence").stdout)[0]
+    again = rows(decoding(*common, "--steps", 5, "--samplers", "confidence").out)[0]
     first = next(r for r in found if (r["sampler"], r["steps"]) == ("confidence", 5))
     for key in ("generative_perplexity", "unigram_entropy_bits", "example"):
         assert again[key] == first[key]  # same seed, same samples, same scores
 
 
-def test_caches_give_the_same_samples_with_fewer_evaluations(ckpt):
+def test_caches_give_the_same_samples_with_fewer_evaluations(ckpt, decoding):
     argv = ["--samplers", "ancestral", "--caches", "off", "batch", "row", "--steps", 128, "--n", 16, "--batch", 16]
-    off, batch, row = rows(decoding("--ckpt", ckpt, *argv).stdout)
+    off, batch, row = rows(decoding("--ckpt", ckpt, *argv).out)
     assert (off["cache"], batch["cache"], row["cache"]) == ("off", "batch", "row")
     assert off["same_samples"] is None and batch["same_samples"] is True and row["same_samples"] is True
     # 32 tokens a sequence change in at most 32 of the 128 steps; calls are 8 sequences, padded
@@ -70,12 +73,8 @@ def test_caches_give_the_same_samples_with_fewer_evaluations(ckpt):
     assert row["evaluations_per_sequence"] < 0.6 * batch["evaluations_per_sequence"] <= 0.6 * 128
 
 
-def test_unknown_sampler_and_bad_counts_are_named(ckpt, monkeypatch):
-    # in this process: the refusals come before any sampling, and a fresh interpreter costs seconds each
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    from decoding import main
-
+def test_unknown_sampler_and_bad_counts_are_named(ckpt, decoding):
     with pytest.raises(SystemExit, match=r"dpmpp_2m.*'confidence'"):
-        main(["--ckpt", str(ckpt), "--samplers", "dpmpp_2m"])
+        decoding("--ckpt", ckpt, "--samplers", "dpmpp_2m")
     with pytest.raises(SystemExit, match="--steps"):
-        main(["--ckpt", str(ckpt), "--steps", "0"])
+        decoding("--ckpt", ckpt, "--steps", 0)

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,68 +11,38 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_cpu_smoke_configuration_reports_one_json_line():
-    out = (
-        subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "bench" / "throughput.py"),
-                "--preset",
-                "dit_xs",
-                "--tokens",
-                "64",
-                "--batch",
-                "4",
-                "--steps",
-                "2",
-                "--warmup",
-                "1",
-                "--grid",
-                "4x4x4",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        .stdout.strip()
-        .splitlines()
-    )
-    result = json.loads(out[-1])
+def test_cpu_smoke_configuration_reports_one_json_line(capsys):
+    # in this process, as the tests below: a fresh interpreter spends seconds importing torch
+    argv = ["--preset", "dit_xs", "--tokens", "64", "--batch", "4", "--steps", "2", "--warmup", "1", "--grid", "4x4x4"]
+    returned = load_bench().main(argv)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == returned
     assert result["mode"] == "train" and result["tokens"] == 64 and result["samples_per_s"] > 0
     assert result["tokens_per_s"] == pytest.approx(64 * result["samples_per_s"], rel=0.01)
 
 
-def test_sample_mode_and_bad_grid():
-    cmd = [
-        sys.executable,
-        str(REPO / "bench" / "throughput.py"),
-        "--preset",
-        "dit_xs",
-        "--tokens",
-        "16",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-    ]
-    result = json.loads(
-        subprocess.run(
-            [*cmd, "--sample", "--sample-steps", "3"], capture_output=True, text=True, check=True, timeout=120
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+def test_sample_mode_and_bad_grid(capsys):
+    bench = load_bench()
+    argv = ["--preset", "dit_xs", "--tokens", "16", "--batch", "2", "--steps", "1", "--warmup", "0"]
+    bench.main([*argv, "--sample", "--sample-steps", "3"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["mode"] == "sample" and result["sample_steps"] == 3
-    bad = subprocess.run([*cmd, "--grid", "3x3"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "holds 9 tokens, not --tokens 16" in bad.stderr
+    with pytest.raises(SystemExit, match="holds 9 tokens, not --tokens 16"):
+        bench.main([*argv, "--grid", "3x3"])
 
 
-def test_compiled_and_eager_blocks_give_the_same_loss_and_gradients(compile_check):
-    # tests/bench/compile_check.py, started in a process of its own when the session began (conftest)
-    done = compile_check()
+def start_compile_check():
+    """tests/bench/compile_check.py in a process of its own, with an empty inductor cache (the first
+    build a fresh machine pays, mostly g++), beside the tests before it."""
+    cache = tempfile.mkdtemp(prefix="polydiff-inductor-")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, str(REPO / "tests" / "bench" / "compile_check.py")]
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), [cache]
+
+
+@pytest.mark.background(start=start_compile_check)
+def test_compiled_and_eager_blocks_give_the_same_loss_and_gradients(background):
+    done = background()
     if done.returncode == 77:  # compile_problem found no way to build kernels here (no C++ toolchain)
         if shutil.which(os.environ.get("CXX", "g++")) is not None:
             pytest.fail(f"a C++ compiler is installed, yet compile_problem says: {done.stdout}")
