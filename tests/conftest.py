@@ -113,7 +113,8 @@ def write_idx(path: Path, array: np.ndarray):
 # and stderr piped, text) and the paths to remove at the end, or None where the test will skip. It is
 # started when collection is done, so that it runs beside the tests before it instead of adding to the
 # suite's wall-clock, and only where its test was collected and not deselected. The test reads the
-# finished process through the `background` fixture.
+# finished process through the `background` fixture. Nobody reads its pipes until then: a process
+# that prints more than a pipe holds (64 KB on Linux) would wait, so keep its output short.
 _background = {}  # nodeid -> (Popen, [paths to remove])
 
 

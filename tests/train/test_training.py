@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -193,16 +194,25 @@ def test_sample_cli_warns_when_the_samples_are_degenerate(tiny_cfg, tmp_path):
         sample(parse(SampleArgs, [f"ckpt={ckpt}", "n=2", "steps=2", "device=cpu", f"out={tmp_path / 's'}"]))
 
 
-def test_compile_without_a_compiler_says_so_and_trains_eagerly(tiny_cfg, tmp_path):
-    # CXX names no compiler and inductor's cache is empty: inductor cannot build a CPU kernel
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    runs = tmp_path / "runs"
-    args = [sys.executable, "train/train.py", *TINY, "steps=6", f"out_dir={runs}", "name=c", "compile=true"]
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=expendable)
+def start_compile_without_a_compiler():
+    """A 6-step tiny run with compile=true where inductor cannot build a CPU kernel (CXX names no
+    compiler, its cache is empty), in the background (tests/conftest.py): mostly imports and inductor."""
+    tmp = Path(tempfile.mkdtemp(prefix="polydiff-nocxx-"))
+    env = {**os.environ, "CXX": str(tmp / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor")}
+    args = [sys.executable, "train/train.py", *TINY, "steps=6", f"out_dir={tmp / 'runs'}", "name=c", "compile=true"]
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=expendable
+    )
+    return proc, [tmp]
+
+
+@pytest.mark.background(start=start_compile_without_a_compiler)
+def test_compile_without_a_compiler_says_so_and_trains_eagerly(tiny_cfg, background):
+    done = background()
     assert done.returncode == 0, done.stderr[-3000:]
     assert "compile=true: torch.compile cannot build kernels here (" in done.stdout
     assert "InvalidCxxCompiler: No working C++ compiler" in done.stdout
-    run = runs / "c"
+    run = Path(next(a for a in done.args if a.startswith("out_dir=")).removeprefix("out_dir=")) / "c"
     assert "compile: false" in (run / "config.yaml").read_text()  # the run records how it trained
     logged = [float(line.split(",")[1]) for line in (run / "loss.csv").read_text().splitlines()]
     eager = trainer.train(tiny_cfg("steps=6", "name=e"))
