@@ -110,12 +110,30 @@ def write_idx(path: Path, array: np.ndarray):
 
 # A test marked `background(start=...)` spends most of its time in a process of its own (torch.compile's
 # first build, a pytest collection in a fresh copy): `start()` returns that process (Popen, stdout
-# and stderr piped, text) and the paths to remove at the end, or None where the test will skip. It is
-# started when collection is done, so that it runs beside the tests before it instead of adding to the
-# suite's wall-clock, and only where its test was collected and not deselected. The test reads the
-# finished process through the `background` fixture. Nobody reads its pipes until then: a process
-# that prints more than a pipe holds (64 KB on Linux) would wait, so keep its output short.
-_background = {}  # nodeid -> (Popen, [paths to remove])
+# and stderr piped, text) and the paths to remove at the end, or None where the test will skip. These
+# processes run one at a time, in the order of their tests, the first from the end of collection, each
+# next one as soon as the one before has finished (checked before every test): so they run beside the
+# tests before theirs instead of adding to the suite's wall-clock, with one such process at a time
+# beside pytest (three at once held about 1.5 GB more). Only tests collected and not deselected count.
+# The test reads the finished process through the `background` fixture, which starts it at once if
+# its turn has not come. Nobody reads its pipes until then: a process that prints more than a pipe
+# holds (64 KB on Linux) would wait, so keep its output short.
+_waiting = []  # (nodeid, start), not started yet, in test order
+_started = {}  # nodeid -> (Popen, [paths to remove]), or None where start() said the test skips
+
+
+def _start(nodeid):
+    for i, (waiting, start) in enumerate(_waiting):
+        if waiting == nodeid:
+            del _waiting[i]
+            _started[nodeid] = start()
+            return
+
+
+def _start_next():
+    """The next waiting process, where none is running."""
+    while _waiting and not any(s is not None and s[0].poll() is None for s in _started.values()):
+        _start(_waiting[0][0])
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m have deselected
@@ -125,13 +143,19 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         marker = item.get_closest_marker("background")
         if marker is not None:
-            started = marker.kwargs["start"]()
-            if started is not None:
-                _background[item.nodeid] = started
+            _waiting.append((item.nodeid, marker.kwargs["start"]))
+    _start_next()
+
+
+def pytest_runtest_setup(item):
+    _start_next()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for proc, paths in _background.values():
+    for started in _started.values():
+        if started is None:
+            continue
+        proc, paths = started
         if proc.poll() is None:  # its test did not run to the end, or the session stopped early
             proc.kill()
             proc.communicate()
@@ -144,7 +168,9 @@ def background(request):
     """() -> this test's background process, finished (subprocess.CompletedProcess)."""
 
     def result(timeout=600):
-        proc = _background[request.node.nodeid][0]
+        if request.node.nodeid not in _started:  # its turn has not come: start it now
+            _start(request.node.nodeid)
+        proc = _started[request.node.nodeid][0]
         stdout, stderr = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
