@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import shutil
 import struct
 import subprocess
@@ -101,6 +102,15 @@ def text_run(tmp_path):
     return run
 
 
+def load_bench(name: str):
+    """bench/<name>.py as a fresh module of this process: its tests call its main() here, since a new
+    interpreter for each call spends seconds importing torch."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_idx(path: Path, array: np.ndarray):
     """An idx file as MNIST ships them (gzip, unsigned bytes)."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -165,11 +175,14 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture
 def background(request):
-    """() -> this test's background process, finished (subprocess.CompletedProcess)."""
+    """() -> this test's background process, finished (subprocess.CompletedProcess), or None where its
+    start() returned None (the test skips)."""
 
     def result(timeout=600):
         if request.node.nodeid not in _started:  # its turn has not come: start it now
             _start(request.node.nodeid)
+        if _started[request.node.nodeid] is None:
+            return None
         proc = _started[request.node.nodeid][0]
         stdout, stderr = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

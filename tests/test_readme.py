@@ -51,9 +51,9 @@ def start_fresh_copy_collect():
 
 @pytest.mark.background(start=start_fresh_copy_collect)
 def test_readme_test_command_collects_in_a_fresh_copy(background):
-    if not (ROOT / ".git").exists() or shutil.which("git") is None:
-        pytest.skip("not a git checkout")
     done = background()
+    if done is None:
+        pytest.skip("not a git checkout")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     collected = sum(int(n) for n in re.findall(r"^tests/\S+\.py: (\d+)$", done.stdout, re.M))  # -qq listing
     assert collected > 100, done.stdout[-2000:]

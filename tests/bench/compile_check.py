@@ -1,11 +1,11 @@
-"""torch.compile's check, run as a script (tests/conftest.py starts it when the session begins): the
+"""torch.compile's check, run as a script (in the background: tests/conftest.py's `background` marker): the
 compiled DiT blocks give the eager loss and gradients, and compile_problem says None where a compiler
 exists. Exit 77: compile_problem found no way to build kernels here.
 
 The blocks are traced as compile=true traces them (dynamo, then AOTAutograd's forward and backward
 graphs) and run by the `aot_eager` backend, not turned into inductor's C++ kernels: the bug this
 check exists for was in the trace (torch 2.11 gave NormRope's weights zero gradient; with that fix
-undone, this check fails on x_embedder.weight), and building the block's 16 kernels cost 25-30 s of
+undone, this check fails on x_embedder.weight), and building the block's 16 kernels cost about 30 s of
 g++ on 2 cores, a tenth of the suite's CPU. Inductor's own build, C++ compiler included, is checked by
 compile_problem's probe, which compiles and differentiates a small function (about 18 s: inductor
 probes the CPU's vector instructions and precompiles its header first).

@@ -1,13 +1,10 @@
 """bench/latent_cache_step.py on a tiny VAE and DiT: both set-ups run, the cache is built once, a ratio is printed."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from conftest import load_bench
 from diffusers import AutoencoderKL
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_times_both_setups_and_builds_the_cache_once(tmp_path, monkeypatch, capsys):
@@ -20,11 +17,9 @@ def test_times_both_setups_and_builds_the_cache_once(tmp_path, monkeypatch, caps
     ).save_pretrained(tmp_path / "vae")
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
     tiny = ["backbone=dit_xs", "modality.size=16", "modality.shapes_items=64", "batch_size=16"]
-    # in this process: a fresh interpreter spends seconds importing torch
-    spec = importlib.util.spec_from_file_location("latent_cache_step", REPO / "bench" / "latent_cache_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--vae", str(tmp_path / "vae"), "--rounds", "2", "--steps", "2", "--", *tiny])
+    result = load_bench("latent_cache_step").main(
+        ["--vae", str(tmp_path / "vae"), "--rounds", "2", "--steps", "2", "--", *tiny]
+    )
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["setup"] for r in rows] == ["no_cache", "cache"]

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_cpu_smoke_configuration_reports_one_json_line(capsys):
     # in this process, as the tests below: a fresh interpreter spends seconds importing torch
     argv = ["--preset", "dit_xs", "--tokens", "64", "--batch", "4", "--steps", "2", "--warmup", "1", "--grid", "4x4x4"]
-    returned = load_bench().main(argv)
+    returned = load_bench("throughput").main(argv)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == returned
     assert result["mode"] == "train" and result["tokens"] == 64 and result["samples_per_s"] > 0
@@ -22,7 +23,7 @@ def test_cpu_smoke_configuration_reports_one_json_line(capsys):
 
 
 def test_sample_mode_and_bad_grid(capsys):
-    bench = load_bench()
+    bench = load_bench("throughput")
     argv = ["--preset", "dit_xs", "--tokens", "16", "--batch", "2", "--steps", "1", "--warmup", "0"]
     bench.main([*argv, "--sample", "--sample-steps", "3"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -50,15 +51,6 @@ def test_compiled_and_eager_blocks_give_the_same_loss_and_gradients(background):
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def load_bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "bench" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("limit,cap", [(0, 64), (1, 64), (37, 64), (64, 64), (500, 64), (100, 100), (6, 7)])
 def test_longest_clip_search_finds_the_limit_in_few_tries(limit, cap):
     tries = []
@@ -67,12 +59,12 @@ def test_longest_clip_search_finds_the_limit_in_few_tries(limit, cap):
         tries.append(n)
         return n <= limit
 
-    assert load_bench().largest_fitting(fits, cap) == min(limit, cap)
+    assert load_bench("throughput").largest_fitting(fits, cap) == min(limit, cap)
     assert len(tries) <= 2 * cap.bit_length() + 1
 
 
 def test_longest_clip_mode_runs_on_cpu_up_to_its_cap():
-    result = load_bench().main(
+    result = load_bench("throughput").main(
         ["--preset", "dit_xs", "--longest-clip", "2x2", "--layout", "factorized", "--max-frames", "3"]
     )
     assert result["mode"] == "longest_clip" and result["max_frames"] == 3 and result["max_tokens"] == 12
@@ -80,7 +72,7 @@ def test_longest_clip_mode_runs_on_cpu_up_to_its_cap():
 
 
 def test_factorized_flops_count_the_keys_each_query_sees():
-    bench = load_bench()
+    bench = load_bench("throughput")
     args = bench.parse_args(["--tokens", "4096", "--grid", "16x16x16", "--layout", "factorized"])
     assert bench.attended_tokens(args) == (256 + 16) / 2
     assert bench.attended_tokens(bench.parse_args(["--tokens", "4096"])) == 4096
