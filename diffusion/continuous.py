@@ -30,6 +30,11 @@ class ContinuousProcess:
     a clip, large frames) is still recognisable at noise levels that hide a small image, so a schedule
     made for small images spends most of its time where the answer is already decided (Hoogeboom et al.
     2023, "simple diffusion", Sec. 3.1, shift the log-SNR by 2 log s; Esser et al. 2024, Sec. 5.3.2).
+    `stratified` spreads each batch's times over the density: example i of n draws its u in the i-th
+    n-quantile band [i/n, (i+1)/n) instead of anywhere on [0, 1) (Kingma et al. 2021, "Variational
+    Diffusion Models", App. I.1: the low-discrepancy sampler), so a small batch never spends all its
+    examples at one end of the noise range; each example's time keeps its marginal density, so the
+    expected loss is unchanged and only its variance falls.
     `weighting` multiplies each example's squared error:
     "none", or "min_snr" (Hang et al. 2023): the error measured on x0 weighted by min(SNR(t), gamma),
     i.e. the weight min(SNR, gamma) * (d x0_hat / d output)^2 on the network's own target. It stops the
@@ -42,7 +47,14 @@ class ContinuousProcess:
     TIMESTEPS = ("uniform", "logit_normal")
     WEIGHTINGS = ("none", "min_snr")
 
-    def __init__(self, timesteps: str = "uniform", weighting: str = "none", snr_gamma: float = 5.0, shift: float = 1.0):
+    def __init__(
+        self,
+        timesteps: str = "uniform",
+        weighting: str = "none",
+        snr_gamma: float = 5.0,
+        shift: float = 1.0,
+        stratified: bool = False,
+    ):
         if not shift > 0:
             raise ValueError(f"diffusion.shift={shift} must be positive (1: the schedule as written)")
         if timesteps not in self.TIMESTEPS:
@@ -53,10 +65,16 @@ class ContinuousProcess:
             raise ValueError(f"diffusion.snr_gamma={snr_gamma} must be positive (Hang et al. use 5)")
         self.timesteps, self.weighting = timesteps, weighting
         self.snr_gamma, self.shift = float(snr_gamma), float(shift)
+        self.stratified = bool(stratified)
 
     def draw_t(self, n: int, generator=None, device="cpu") -> torch.Tensor:
-        """n training times on [t_min, 1) from the `timesteps` density."""
-        if self.timesteps == "logit_normal":
+        """n training times on [t_min, 1) from the `timesteps` density (one per quantile band of it
+        where `stratified`, in band order: the batch's examples are already in random order)."""
+        if self.stratified:
+            u = (torch.arange(n, device=device) + torch.rand(n, generator=generator, device=device)) / n
+            if self.timesteps == "logit_normal":  # through the normal's inverse CDF
+                u = torch.sigmoid(torch.special.ndtri(u))
+        elif self.timesteps == "logit_normal":
             u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
         else:
             u = torch.rand(n, generator=generator, device=device)
@@ -201,7 +219,8 @@ class GaussianVP(ContinuousProcess):
             (alpha_bar = 1 - sqrt(t + s), Li et al. 2022, Sec. 4.2: noise rises fast at the start,
             where the cosine schedule leaves discrete data such as word embeddings trivially easy).
         prediction: what the network predicts: "eps", "v" (Salimans & Ho 2022) or "x0".
-        timesteps, weighting, snr_gamma: the training density and weighting (ContinuousProcess).
+        timesteps, weighting, snr_gamma, stratified: the training density, its stratification per
+            batch and the weighting (ContinuousProcess).
         shift: sigma times shift at every t (ContinuousProcess), i.e. SNR / shift^2, folded into
             alpha_bar so that training, sampling and the bound all see the shifted schedule.
     """
@@ -219,8 +238,9 @@ class GaussianVP(ContinuousProcess):
         weighting: str = "none",
         snr_gamma: float = 5.0,
         shift: float = 1.0,
+        stratified: bool = False,
     ):
-        super().__init__(timesteps, weighting, snr_gamma, shift)
+        super().__init__(timesteps, weighting, snr_gamma, shift, stratified)
         if schedule not in self.SCHEDULES:
             raise ValueError(f"diffusion.schedule={schedule!r} for gaussian; choose one of {self.SCHEDULES}")
         if prediction not in self.PREDICTIONS:
@@ -337,7 +357,8 @@ class RectifiedFlow(ContinuousProcess):
     velocity target v = eps - x0 (Liu et al. 2023; Lipman et al. 2023).
 
     Args:
-        timesteps, weighting, snr_gamma: the training density and weighting (ContinuousProcess);
+        timesteps, weighting, snr_gamma, stratified: the training density, its stratification per batch
+            and the weighting (ContinuousProcess);
             here the density defaults to "logit_normal" (Esser et al. 2024, SD3, m=0, s=1).
         shift: sigma times shift (ContinuousProcess). The path x_t stays as written; the times drawn
             in training and the sampler's times move to t' = shift t / (1 + (shift - 1) t), whose
@@ -348,9 +369,14 @@ class RectifiedFlow(ContinuousProcess):
     t_min = 0.0
 
     def __init__(
-        self, timesteps: str = "logit_normal", weighting: str = "none", snr_gamma: float = 5.0, shift: float = 1.0
+        self,
+        timesteps: str = "logit_normal",
+        weighting: str = "none",
+        snr_gamma: float = 5.0,
+        shift: float = 1.0,
+        stratified: bool = False,
     ):
-        super().__init__(timesteps, weighting, snr_gamma, shift)
+        super().__init__(timesteps, weighting, snr_gamma, shift, stratified)
 
     def shifted(self, t):
         return self.shift * t / (1 + (self.shift - 1) * t)

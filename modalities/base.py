@@ -23,6 +23,7 @@ class DiffusionConfig:
     weighting: str = "none"  # gaussian, flow: none | min_snr (Hang et al. 2023)
     snr_gamma: float = 5.0  # weighting=min_snr: the SNR cap gamma
     shift: float = 1.0  # gaussian, flow: every noise level sigma times this; > 1 for redundant data (video)
+    stratified: bool = False  # gaussian, flow: each batch's training times one per quantile band of the density
 
 
 @dataclass

@@ -150,6 +150,25 @@ def test_logit_normal_timesteps_concentrate_on_the_middle(name):
     assert middle(draw("uniform")) == pytest.approx(0.5, abs=0.015)
 
 
+@pytest.mark.parametrize("name,density", [("gaussian", "uniform"), ("flow", "logit_normal"), ("flow", "uniform")])
+def test_stratified_timesteps_put_one_example_in_each_quantile_band(name, density):
+    """Example i of a batch of n lands in the density's i-th n-quantile band; over many batches each
+    example's time still has the density's distribution, and the batch's mean time varies far less."""
+    plain = build_process(name, {"timesteps": density})
+    strat = build_process(name, {"timesteps": density, "stratified": True})
+    gen = torch.Generator().manual_seed(0)
+    batches = torch.stack([strat.draw_t(8, gen) for _ in range(4000)])  # (4000, 8)
+    # band edges: the density's n-quantiles, estimated from many plain draws (so a few times right at
+    # an edge land on its other side); unstratified draws would match their band 1 time in 8
+    edges = plain.draw_t(400_000, torch.Generator().manual_seed(1)).quantile(torch.linspace(0, 1, 9)[1:-1])
+    assert (torch.bucketize(batches, edges) == torch.arange(8)).float().mean() > 0.98
+    mixed = batches.flatten()  # one time from a random band of each batch: the plain density
+    middle = lambda t: ((t > 0.25) & (t < 0.75)).float().mean().item()
+    assert middle(mixed) == pytest.approx(middle(plain.draw_t(32000, gen)), abs=0.015)
+    plain_means = torch.stack([plain.draw_t(8, gen) for _ in range(4000)]).mean(1)
+    assert batches.mean(1).std() < 0.2 * plain_means.std()
+
+
 def test_bad_density_options_are_refused_by_name():
     with pytest.raises(ValueError, match="diffusion.weighting='snr'"):
         build_process("gaussian", {"weighting": "snr"})
