@@ -46,10 +46,11 @@ class ContinuousProcess:
     samplers = tuple(SAMPLERS)  # valid names, the first the default
     TIMESTEPS = ("uniform", "logit_normal")
     WEIGHTINGS = ("none", "min_snr")
+    default_timesteps = "uniform"  # the density while `timesteps` is None
 
     def __init__(
         self,
-        timesteps: str = "uniform",
+        timesteps: str | None = None,
         weighting: str = "none",
         snr_gamma: float = 5.0,
         shift: float = 1.0,
@@ -57,6 +58,7 @@ class ContinuousProcess:
     ):
         if not shift > 0:
             raise ValueError(f"diffusion.shift={shift} must be positive (1: the schedule as written)")
+        timesteps = timesteps or self.default_timesteps
         if timesteps not in self.TIMESTEPS:
             raise ValueError(f"diffusion.timesteps={timesteps!r}; choose one of {self.TIMESTEPS}")
         if weighting not in self.WEIGHTINGS:
@@ -234,7 +236,7 @@ class GaussianVP(ContinuousProcess):
         self,
         schedule: str = "cosine",
         prediction: str = "v",
-        timesteps: str = "uniform",
+        timesteps: str | None = None,
         weighting: str = "none",
         snr_gamma: float = 5.0,
         shift: float = 1.0,
@@ -367,16 +369,7 @@ class RectifiedFlow(ContinuousProcess):
 
     t_max = 0.999  # sigma = t / (1 - t) is infinite at t = 1
     t_min = 0.0
-
-    def __init__(
-        self,
-        timesteps: str = "logit_normal",
-        weighting: str = "none",
-        snr_gamma: float = 5.0,
-        shift: float = 1.0,
-        stratified: bool = False,
-    ):
-        super().__init__(timesteps, weighting, snr_gamma, shift, stratified)
+    default_timesteps = "logit_normal"
 
     def shifted(self, t):
         return self.shift * t / (1 + (self.shift - 1) * t)
