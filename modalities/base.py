@@ -80,6 +80,9 @@ class Modality:
     # Keys added to Config after runs were saved without them, with the value those runs used
     # (today's default may differ): load_run_config fills them into older runs' configs.
     saved_before: dict = {}
+    # Set by the trainer while a run trains on coarse data first (coarse_share): the default loss then
+    # trains on coarsen(encode(batch)).
+    coarse = False
 
     def __init__(self, cfg, patch: int, data=None):
         # data: the run's `data` config; its path (None: the modality's built-in data) and the
@@ -114,6 +117,17 @@ class Modality:
         """Raw batch (already on device) -> x0 in the diffusion space. `generator` is the trainer's
         checkpointed one, for encoders that draw (a VAE posterior sample): resume stays exact."""
         return batch["x"]
+
+    def coarsen(self, x0) -> torch.Tensor:
+        """x0 at half the resolution along its grid's axes, for the coarse start of a run (progressive
+        resolution, `coarse_share`); to_tokens then gives the coarse tokens the positions of the places
+        they cover on the full grid, so that the network carries what it learnt there over to full
+        resolution. A modality that has a coarse form overrides this (see `has_coarse_form`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_coarse_form(cls) -> bool:
+        return cls.coarsen is not Modality.coarsen
 
     def cond(self, batch) -> dict:
         """Raw batch -> condition tensors for the backbone (label, cond, context...)."""
@@ -172,9 +186,12 @@ class Modality:
     def loss(self, process, model, batch, cond: dict, generator=None) -> torch.Tensor:
         """The training objective of one batch (a scalar to minimise). `cond` already carries the
         condition dropout. Default: the process's denoising loss on encode(batch), self-conditioned
-        where self_conditioning(); a modality whose objective has terms of its own (a rounding loss, a
-        reconstruction loss) overrides this."""
-        return self.denoising_loss(process, model, self.encode(batch, generator), cond, generator)
+        where self_conditioning(), at half the resolution while `coarse`; a modality whose objective has
+        terms of its own (a rounding loss, a reconstruction loss) overrides this."""
+        x0 = self.encode(batch, generator)
+        if self.coarse:
+            x0 = self.coarsen(x0)
+        return self.denoising_loss(process, model, x0, cond, generator)
 
     def denoising_loss(self, process, model, x0, cond: dict, generator=None) -> torch.Tensor:
         """The process's loss on x0 through model_fn, with self-conditioning where it is on."""

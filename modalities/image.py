@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
@@ -184,11 +185,23 @@ class Image(Modality):
             "context_dim": text_dim,
         }
 
+    def coarsen(self, x0):
+        """Each 2x2 block of pixels (or latent cells) averaged into one: a quarter of the tokens."""
+        side = x0.shape[-1] // 2
+        if x0.shape[-1] % 2 or side % self.patch:
+            raise ValueError(
+                f"coarse_share: the coarse images are {x0.shape[-1]}/2 cells a side, which "
+                f"backbone.patch={self.patch} does not divide; choose modality.size or backbone.patch to fit, "
+                "or coarse_share=0"
+            )
+        return F.avg_pool2d(x0, 2)
+
     def to_tokens(self, x):
         tokens = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=self.patch, p2=self.patch)
         h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        stride = self.sample_shape(1)[-1] // x.shape[-1]  # 2 for coarsened images: the full grid's places
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-        return tokens, torch.stack([ys, xs], dim=-1).reshape(-1, 2)  # (B, N, p*p*C), (N, 2)
+        return tokens, torch.stack([ys, xs], dim=-1).reshape(-1, 2) * stride  # (B, N, p*p*C), (N, 2)
 
     def from_tokens(self, tokens, shape):
         h, w = shape[-2] // self.patch, shape[-1] // self.patch

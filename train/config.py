@@ -85,6 +85,9 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 20
     max_minutes: float | None = None  # stop with a checkpoint after this much wall-clock time (this invocation)
+    # Progressive resolution: this share of the training budget (of max_minutes when set, else of steps)
+    # trains on the data at half the resolution first, then the run goes on at full resolution.
+    coarse_share: float = 0.0
     deterministic: bool = False
 
 
@@ -133,6 +136,14 @@ def validate(cfg: DictConfig):
         raise ValueError(f"overwrite=true deletes the run that resume={cfg.resume} continues; give one of them")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
+    if not 0 <= cfg.coarse_share < 1:
+        raise ValueError(f"coarse_share={cfg.coarse_share} must be in [0, 1): the share of the run trained coarse")
+    if cfg.coarse_share and not MODALITIES[cfg.modality.name].has_coarse_form():
+        coarse = sorted(name for name, cls in MODALITIES.items() if cls.has_coarse_form())
+        raise ValueError(
+            f"coarse_share={cfg.coarse_share}: modality {cfg.modality.name} has no coarse form to start on "
+            f"(modalities with one: {coarse}); use coarse_share=0"
+        )
 
 
 def load_run_config(path) -> DictConfig:

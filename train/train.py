@@ -54,6 +54,7 @@ class TrainState:
     def __init__(self, seed: int, device):
         self.step = self.epoch = self.batch_in_epoch = self.bad_steps = 0
         self.best_loss = math.inf
+        self.coarse_done = False  # coarse_share: the run has moved on to full resolution
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)
 
     def state_dict(self):
@@ -63,12 +64,14 @@ class TrainState:
             "batch_in_epoch": self.batch_in_epoch,
             "bad_steps": self.bad_steps,
             "best_loss": self.best_loss,
+            "coarse_done": self.coarse_done,
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state):
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.bad_steps, self.best_loss = state["bad_steps"], state["best_loss"]
+        self.coarse_done = state.get("coarse_done", True)  # saved before coarse_share: never coarse
         self.generator.set_state(state["generator"])
 
 
@@ -262,6 +265,7 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
     t0, seen = time.perf_counter(), 0
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     started, first_step = time.monotonic(), state.step
+    modality.coarse = cfg.coarse_share > 0 and not state.coarse_done
     model.train()
     try:
         while state.step < cfg.steps and not stop["now"]:
@@ -317,6 +321,10 @@ def fit(cfg, accelerator, modality, run_dir: Path) -> TrainResult:
                 bar.total = steps_in_budget(cfg.steps, state.step, first_step, now - started, deadline - now)
                 bar.update(1)
                 stop["now"] = any_process(accelerator, stop["signal"] is not None or now > deadline)
+                if modality.coarse and any_process(accelerator, coarse_spent(cfg, state.step, now - started)):
+                    modality.coarse, state.coarse_done = False, True
+                    if accelerator.is_main_process:
+                        bar.write(f"step {state.step}: coarse_share={cfg.coarse_share} spent; on at full resolution")
 
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                     tracker.check(
@@ -406,6 +414,14 @@ def compile_problem(device) -> str | None:
         lines = str(error).strip().splitlines()
         return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return None
+
+
+def coarse_spent(cfg, step: int, elapsed_s: float) -> bool:
+    """Whether the coarse start (coarse_share) has had its share: of this invocation's max_minutes
+    when that is set, else of the run's steps."""
+    if cfg.max_minutes:
+        return elapsed_s >= cfg.coarse_share * 60 * cfg.max_minutes
+    return step >= cfg.coarse_share * cfg.steps
 
 
 def steps_in_budget(steps: int, step: int, since_step: int, elapsed_s: float, left_s: float) -> int:

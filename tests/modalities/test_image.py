@@ -77,6 +77,25 @@ def test_patch_tokens_round_trip():
     assert image.sample_cond(3, "cpu", label="b")["label"].tolist() == [1, 1, 1]
 
 
+def test_coarse_images_average_2x2_blocks_and_keep_their_places_on_the_full_grid():
+    cfg = OmegaConf.merge(OmegaConf.structured(ImageConfig), {"size": 8, "classes": ["a", "b"]})
+    image = Image(cfg, patch=2)
+    x = torch.randn(2, 3, 8, 8)
+    coarse = image.coarsen(x)
+    assert coarse.shape == (2, 3, 4, 4)
+    assert torch.allclose(coarse[:, :, 1, 2], x[:, :, 2:4, 4:6].mean(dim=(-2, -1)))
+    tokens, pos = image.to_tokens(coarse)
+    full_tokens, full_pos = image.to_tokens(x)
+    # the coarse grid's 2x2 tokens sit where the full grid's tokens 0, 2 (rows and columns) are, so a
+    # position means the same place of the image at both sizes
+    assert tokens.shape == (2, 4, 12)
+    assert pos.tolist() == [[0, 0], [0, 2], [2, 0], [2, 2]]
+    assert pos.tolist() == full_pos.reshape(4, 4, 2)[::2, ::2].reshape(-1, 2).tolist()
+    assert torch.equal(image.from_tokens(tokens, coarse.shape), coarse)
+    with pytest.raises(ValueError, match="backbone.patch=4 does not divide"):
+        Image(OmegaConf.merge(cfg, {"size": 12}), patch=4).coarsen(torch.randn(2, 3, 12, 12))  # 6x6 coarse
+
+
 # --- files as a viewer shows them ---------------------------------------------------------------
 
 

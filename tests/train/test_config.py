@@ -69,6 +69,11 @@ def test_wrong_type_fails_naming_the_key():
             "modality=text_discrete backbone.layout=factorized",
             "modality text_discrete has a 1-D grid; use backbone.layout=full",
         ),
+        ("coarse_share=1", r"coarse_share=1(\.0)? must be in \[0, 1\)"),
+        (
+            "modality=text_discrete coarse_share=0.3",
+            r"modality text_discrete has no coarse form to start on \(modalities with one: \['image'\]\)",
+        ),
     ],
 )
 def test_bad_values_fail_with_the_choices(override, message):

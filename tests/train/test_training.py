@@ -11,6 +11,7 @@ import torch
 from conftest import TINY, expendable
 
 import train.train as trainer
+from modalities.image import Image
 from train.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +46,47 @@ def test_resumed_run_matches_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypat
     assert resumed.losses == full.losses[16:]  # bitwise equal on CPU
     for a, b in zip(resumed.ema_model.state_dict().values(), full.ema_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_coarse_start_trains_its_share_at_half_resolution_and_resumes_exactly(tiny_cfg, monkeypatch):
+    sides = []  # the side of every x0 that the loss trained on
+    real_loss = Image.denoising_loss
+
+    def spy(self, process, model, x0, *args, **kwargs):
+        sides.append(x0.shape[-1])
+        return real_loss(self, process, model, x0, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "denoising_loss", spy)
+    overrides = ["steps=12", "save_every=4", "coarse_share=0.5", "modality.shapes_items=96"]
+    full = trainer.train(tiny_cfg(*overrides, "name=full"))
+    assert sides == [8] * 6 + [16] * 6  # 16x16 shapes: the first half of the steps on 8x8
+
+    real_save = trainer.save_checkpoint
+
+    def save_then_die(accelerator, root, step, *args, **kwargs):
+        real_save(accelerator, root, step, *args, **kwargs)
+        if step == 8:
+            raise KeyboardInterrupt  # after the switch: the resumed run must not start coarse again
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(tiny_cfg(*overrides, "name=cut"))
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    sides.clear()
+    resumed = trainer.train(tiny_cfg(*overrides, "name=cut", "resume=auto"))
+    assert sides == [16] * 4
+    assert resumed.losses == full.losses[8:]
+    for a, b in zip(resumed.ema_model.state_dict().values(), full.ema_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_from_before_coarse_starts_resumes_at_full_resolution():
+    state = trainer.TrainState(0, "cpu")
+    saved = state.state_dict()
+    assert saved["coarse_done"] is False
+    del saved["coarse_done"]  # what a checkpoint written before coarse_share holds
+    state.load_state_dict(saved)
+    assert state.coarse_done
 
 
 # The second model has a convolutional head (backbones/heads.py) and is self-conditioned.
