@@ -25,21 +25,25 @@ def test_tiny_model_loss_falls(tiny_cfg):
     assert (result.run_dir / "checkpoints" / "last" / "model.safetensors").exists()
 
 
-def test_resumed_run_matches_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch):
-    overrides = ["steps=24", "save_every=8", "modality.shapes_items=96"]  # 6 batches/epoch: resume crosses epochs
-    full = trainer.train(tiny_cfg(*overrides, "name=full"))
-
+def die_after_checkpoint(monkeypatch, cfg, step: int):
+    """Train `cfg` until the run dies right after its step-`step` checkpoint."""
     real_save = trainer.save_checkpoint
 
-    def save_then_die(accelerator, root, step, *args, **kwargs):
-        real_save(accelerator, root, step, *args, **kwargs)
-        if step == 16:
-            raise KeyboardInterrupt  # the run dies right after its step-16 checkpoint
+    def save_then_die(accelerator, root, at, *args, **kwargs):
+        real_save(accelerator, root, at, *args, **kwargs)
+        if at == step:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(tiny_cfg(*overrides, "name=cut"))
+        trainer.train(cfg)
     monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+
+
+def test_resumed_run_matches_the_uninterrupted_one(tiny_cfg, tmp_path, monkeypatch):
+    overrides = ["steps=24", "save_every=8", "modality.shapes_items=96"]  # 6 batches/epoch: resume crosses epochs
+    full = trainer.train(tiny_cfg(*overrides, "name=full"))
+    die_after_checkpoint(monkeypatch, tiny_cfg(*overrides, "name=cut"), 16)
     resumed = trainer.train(tiny_cfg(*overrides, "name=cut", "resume=auto"))
 
     assert [s for s, _ in resumed.losses] == list(range(17, 25))
@@ -61,17 +65,7 @@ def test_a_coarse_start_trains_its_share_at_half_resolution_and_resumes_exactly(
     full = trainer.train(tiny_cfg(*overrides, "name=full"))
     assert sides == [8] * 6 + [16] * 6  # 16x16 shapes: the first half of the steps on 8x8
 
-    real_save = trainer.save_checkpoint
-
-    def save_then_die(accelerator, root, step, *args, **kwargs):
-        real_save(accelerator, root, step, *args, **kwargs)
-        if step == 8:
-            raise KeyboardInterrupt  # after the switch: the resumed run must not start coarse again
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(tiny_cfg(*overrides, "name=cut"))
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    die_after_checkpoint(monkeypatch, tiny_cfg(*overrides, "name=cut"), 8)  # after the switch at step 6
     sides.clear()
     resumed = trainer.train(tiny_cfg(*overrides, "name=cut", "resume=auto"))
     assert sides == [16] * 4
