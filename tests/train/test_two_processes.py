@@ -6,12 +6,13 @@ machine cannot give it those, it fails or skips alone, after the rest of the sui
 """
 
 import os
-import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import TINY, csv_steps, expendable
 
@@ -30,17 +31,29 @@ def loopback_works() -> bool:
         return False
 
 
-def run_process_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run in a session of its own, killing the whole session on timeout: killing torchrun
-    alone would leave its workers running, holding memory while the rest of the suite runs."""
-    process = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd))} still running after {timeout} s\n{out}{err}")
-    return subprocess.CompletedProcess(cmd, process.returncode, out, err)
+def run_torchrun(cmd, timeout, marker: str, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run for torchrun, then every process whose command line holds `marker` (a path of this
+    test's) killed. torchrun starts its workers in sessions of their own, so neither killing its process
+    group nor its own end reaches them: a worker left behind (its agent killed for memory, say) would
+    hold memory, and, were it writing to a pipe of ours, keep this test waiting however long the
+    timeout. Output goes to files instead."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(cmd, stdout=out, stderr=err, **kwargs)
+        try:
+            process.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        for left in psutil.process_iter(["cmdline"]):
+            if any(marker in arg for arg in left.info["cmdline"] or ()):
+                left.kill()
+        process.wait()
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(cmd, process.returncode, out.read(), err.read())
+    if timed_out:
+        pytest.fail(f"{' '.join(map(str, cmd))} still running after {timeout} s\n{result.stdout}{result.stderr}")
+    return result
 
 
 @pytest.mark.slow
@@ -54,7 +67,7 @@ def test_two_processes_without_a_name_are_one_ddp_run(tmp_path, tiny_cfg):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     torchrun += ["--local-addr", "127.0.0.1"]
     cmd = [*torchrun, "train/train.py", *overrides, f"out_dir={tmp_path}/ddp"]
-    out = run_process_group(cmd, 180, cwd=REPO, env=env, text=True, preexec_fn=expendable)
+    out = run_torchrun(cmd, 180, str(tmp_path), cwd=REPO, env=env, text=True, preexec_fn=expendable)
     assert out.returncode == 0, f"exit {out.returncode} (-9: killed, out of memory?)\n{out.stdout}{out.stderr}"
     (run,) = (tmp_path / "ddp").iterdir()  # one folder for both processes
     assert csv_steps(run) == [1, 2, 3]  # one writer: each step once
